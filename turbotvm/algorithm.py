@@ -1,0 +1,35 @@
+"""The numbers that define TurboAttention as turbotvm implements it (docs/algorithm.md).
+
+Kernels and the float64 reference both read these, so a change here changes the algorithm
+for both; nothing else in the package hard-codes them.
+"""
+
+import math
+
+#: Tokens per FlashQ block: one INT8 scale per (batch, head, 64 tokens) for Q, K and V, the
+#: KV tile of the online softmax, and the unit in which the decode buffer is compressed.
+QUANT_BLOCK = 64
+
+#: Symmetric INT8 range used for Q, K, V and P (-127..127; -128 is never produced).
+INT8_MAX = 127
+
+#: SAS: e^x for x <= 0 is LUT[n] * poly(-f) with n = floor(-x), f = -x - n.
+#: Entries with n > SAS_MAX_INT (x < -(SAS_MAX_INT + 1)) are exactly zero (the sparsity).
+SAS_MAX_INT = 9
+SAS_LUT = tuple(math.exp(-n) for n in range(SAS_MAX_INT + 1))
+#: Cubic for e^y on y in [-1, 0], least squares in relative error (max rel. error 5.9e-4);
+#: highest degree first, evaluated by Horner's rule.
+SAS_POLY = (0.09929416, 0.45745489, 0.989911, 0.99941428)
+
+#: Head dims with kernels (the tiles assume D a multiple of 32 and at most 128).
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+#: Bit widths of the compressed KV cache.
+CACHE_BITS = (2, 4)
+
+#: Share of KV heads stored at 2 bits in a mixed-precision cache (lowest gap*std first).
+DEFAULT_2BIT_HEAD_SHARE = 0.5
+
+
+def codes_per_byte(bits: int) -> int:
+    return 8 // bits

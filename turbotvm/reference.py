@@ -1,0 +1,278 @@
+"""Float64 oracle: TurboAttention exactly as docs/algorithm.md states it, plus exact attention.
+
+Written for reading, not speed, and independent of TVM: numpy only. Every array is
+[batch, heads, tokens, head_dim]; K/V may have fewer heads than Q (grouped-query attention).
+Integer steps (INT8 codes, INT4/INT2 codes, integer scales) are computed exactly as the
+kernels define them, so a kernel and this file agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .algorithm import INT8_MAX, QUANT_BLOCK, SAS_LUT, SAS_MAX_INT, SAS_POLY
+
+# ----------------------------------------------------------------------------- exact
+
+
+def exact_attention(q, k, v, causal=False, scale=None):
+    """softmax(q kᵀ · scale) v in float64; causal masks are aligned bottom-right (j <= i + M - N).
+
+    Rows with no visible key (only when N > M and causal) are zero.
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    n, m, d = q.shape[2], k.shape[2], q.shape[3]
+    k, v = _expand_kv_heads(k, q.shape[1]), _expand_kv_heads(v, q.shape[1])
+    s = np.einsum("bhid,bhjd->bhij", q, k) * (scale if scale is not None else d**-0.5)
+    visible = _visible(n, m, causal)
+    s = np.where(visible, s, -np.inf)
+    row_max = np.max(s, axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    p = np.where(visible, np.exp(s - row_max), 0.0)
+    denom = p.sum(-1, keepdims=True)
+    out = np.einsum("bhij,bhjd->bhid", p, v)
+    return np.divide(out, denom, out=np.zeros_like(out), where=denom > 0)
+
+
+def _expand_kv_heads(x, num_q_heads):
+    return np.repeat(x, num_q_heads // x.shape[1], axis=1)
+
+
+def _visible(n, m, causal):
+    if not causal:
+        return np.ones((n, m), bool)
+    return np.arange(m)[None, :] <= np.arange(n)[:, None] + (m - n)
+
+
+# ----------------------------------------------------------------------------- FlashQ stage 1
+
+
+def smoothing_mean(k):
+    """Per-(batch, kv head, channel) mean of K over tokens; subtracting it leaves softmax unchanged."""
+    return np.asarray(k, np.float64).mean(axis=2)
+
+
+def quantize_int8(x, mean=None):
+    """Block-wise symmetric INT8: one scale per (batch, head, QUANT_BLOCK tokens).
+
+    Returns (codes int8 [B,H,N,D], scales [B,H,ceil(N/QUANT_BLOCK)]); x ≈ codes * scale.
+    """
+    x = np.asarray(x, np.float64)
+    if mean is not None:
+        x = x - np.asarray(mean, np.float64)[:, :, None, :]
+    b, h, n, d = x.shape
+    nblk = -(-n // QUANT_BLOCK)
+    padded = np.zeros((b, h, nblk * QUANT_BLOCK, d))
+    padded[:, :, :n] = x
+    blocks = padded.reshape(b, h, nblk, QUANT_BLOCK * d)
+    absmax = np.abs(blocks).max(-1)
+    scale = np.where(absmax > 0, absmax, 1.0) / INT8_MAX
+    codes = np.clip(np.rint(blocks / scale[..., None]), -INT8_MAX, INT8_MAX)
+    codes = codes.reshape(b, h, nblk * QUANT_BLOCK, d)[:, :, :n].astype(np.int8)
+    return codes, scale
+
+
+# ----------------------------------------------------------------------------- SAS
+
+
+def sas_exp(x):
+    """e^x for x <= 0 as LUT[floor(-x)] * cubic(-frac); exactly 0 below -(SAS_MAX_INT + 1)."""
+    x = np.minimum(np.asarray(x, np.float64), 0.0)
+    t = -x
+    n = np.floor(np.minimum(t, SAS_MAX_INT + 1.0))
+    f = np.minimum(t, SAS_MAX_INT + 1.0) - n
+    y = -f
+    poly = ((SAS_POLY[0] * y + SAS_POLY[1]) * y + SAS_POLY[2]) * y + SAS_POLY[3]
+    lut = np.asarray(SAS_LUT + (0.0,))[n.astype(np.int64)]
+    return np.where(n <= SAS_MAX_INT, lut * poly, 0.0)
+
+
+# ----------------------------------------------------------------------------- online softmax
+
+
+class _OnlineSoftmax:
+    """FlashAttention-2 state for a set of rows: running max m, running sum l, accumulator acc."""
+
+    def __init__(self, rows_shape, d):
+        self.m = np.full(rows_shape, -np.inf)
+        self.l = np.zeros(rows_shape)
+        self.acc = np.zeros(rows_shape + (d,))
+
+    def update(self, s, visible, v_codes, v_scale):
+        """s [..., rows, j] scores, visible mask, v_codes [..., j, D] int8, v_scale [...]."""
+        s = np.where(visible, s, -np.inf)
+        tile_max = s.max(-1)
+        m_new = np.maximum(self.m, tile_max)
+        corr = _sas_of_difference(self.m, m_new)
+        p = np.where(visible, sas_exp(s - _finite(m_new)[..., None]), 0.0)
+        # P -> INT8 with one scale per row of the tile: the tile's largest p maps to 127.
+        p_scale = _sas_of_difference(tile_max, m_new) / INT8_MAX
+        safe = np.where(p_scale > 0, p_scale, 1.0)
+        p_codes = np.where(p_scale[..., None] > 0, np.clip(np.rint(p / safe[..., None]), 0, INT8_MAX), 0)
+        pv = np.einsum("...ij,...jd->...id", p_codes, v_codes.astype(np.float64))
+        self.l = self.l * corr + p_scale * p_codes.sum(-1)
+        self.acc = self.acc * corr[..., None] + (p_scale * v_scale)[..., None] * pv
+        self.m = m_new
+
+    def output(self):
+        return np.divide(self.acc, self.l[..., None], out=np.zeros_like(self.acc), where=self.l[..., None] > 0)
+
+
+def _finite(m):
+    return np.where(np.isfinite(m), m, 0.0)
+
+
+def _sas_of_difference(a, b):
+    """SAS(a - b) with -inf handled: -inf - finite -> 0, -inf - -inf -> SAS(0) (nothing seen yet)."""
+    both_empty = np.isneginf(a) & np.isneginf(b)
+    diff = np.where(both_empty, 0.0, np.where(np.isneginf(a), -np.inf, a - _finite(b)))
+    return np.where(np.isneginf(diff), 0.0, sas_exp(np.where(np.isneginf(diff), 0.0, diff)))
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def turbo_prefill(q, k, v, causal=False, scale=None, smooth_k=True):
+    """TurboAttention prefill: INT8 Q·Kᵀ, SAS online softmax over 64-token KV tiles, INT8 P·V."""
+    q = np.asarray(q, np.float64)
+    b, h, n, d = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    scale = scale if scale is not None else d**-0.5
+    q8, qs = quantize_int8(q)
+    k8, ks = quantize_int8(k, smoothing_mean(k) if smooth_k else None)
+    v8, vs = quantize_int8(v)
+    group = h // hkv
+    k8, ks, v8, vs = (np.repeat(a, group, axis=1) for a in (k8, ks, v8, vs))
+    row_scale = np.repeat(qs, QUANT_BLOCK, axis=2)[:, :, :n] * scale  # [B,H,N]
+    visible = _visible(n, m, causal)
+    state = _OnlineSoftmax((b, h, n), d)
+    for t in range(-(-m // QUANT_BLOCK)):
+        cols = slice(t * QUANT_BLOCK, min(m, (t + 1) * QUANT_BLOCK))
+        s_int = np.einsum("bhid,bhjd->bhij", q8.astype(np.float64), k8[:, :, cols].astype(np.float64))
+        s = s_int * (row_scale * ks[:, :, t, None])[..., None]
+        state.update(s, visible[:, cols], v8[:, :, cols], vs[:, :, t, None])
+    return state.output()
+
+
+# ----------------------------------------------------------------------------- KV compression
+
+
+def compress_int8(codes8, bits):
+    """INT8 -> INT{bits}, per (batch, head, 64-token block, channel), integer scale and zero point.
+
+    zero = block minimum (int8), step = max(1, ceil((max - min) / (2^bits - 1))) (integer),
+    code = min(round_half_even((x - zero) / step), 2^bits - 1), in integers. Ties go to the even
+    code: rounding half up would bias every even step by +step/2 at ties, and a bias does not
+    average out in P·V the way independent rounding errors do. Returns (codes, step, zero), codes
+    unpacked [B,H,L,D] uint8, step/zero [B,H,L/64,D].
+    """
+    x = np.asarray(codes8, np.int64)
+    b, h, length, d = x.shape
+    assert length % QUANT_BLOCK == 0
+    blocks = x.reshape(b, h, length // QUANT_BLOCK, QUANT_BLOCK, d)
+    lo, hi = blocks.min(3), blocks.max(3)
+    levels = 2**bits - 1
+    step = np.maximum(1, -(-(hi - lo) // levels))
+    offset, step_b = blocks - lo[:, :, :, None], step[:, :, :, None]
+    quot, rem = offset // step_b, offset % step_b
+    round_up = (2 * rem > step_b) | ((2 * rem == step_b) & (quot % 2 == 1))
+    code = np.minimum(quot + round_up, levels)
+    return code.reshape(b, h, length, d).astype(np.uint8), step.astype(np.uint8), lo.astype(np.int8)
+
+
+def decompress_int8(code, step, zero):
+    """INT{bits} -> INT8: code * step + zero, clamped to 127."""
+    b, h, length, d = code.shape
+    blocks = code.reshape(b, h, length // QUANT_BLOCK, QUANT_BLOCK, d).astype(np.int64)
+    x = blocks * step[:, :, :, None].astype(np.int64) + zero[:, :, :, None].astype(np.int64)
+    return np.minimum(x, INT8_MAX).reshape(b, h, length, d).astype(np.int8)
+
+
+def head_priority(k, v):
+    """gap * std per KV head (gap = max - min), summed over K and V: low priority -> 2 bits."""
+    def one(x):
+        x = np.asarray(x, np.float64)
+        flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+        return (flat.max(1) - flat.min(1)) * flat.std(1)
+    return one(k) + one(v)
+
+
+def select_head_bits(k, v, share_2bit):
+    """Bits per KV head: the lowest-priority round(share * H_kv) heads get 2 bits, the rest 4."""
+    priority = head_priority(k, v)
+    num_2bit = int(round(share_2bit * len(priority)))
+    bits = np.full(len(priority), 4, np.int64)
+    bits[np.argsort(priority, kind="stable")[:num_2bit]] = 2
+    return bits
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@dataclass
+class ReferenceCache:
+    """A compressed cache as the reference sees it: INT8 views after stage-2 round trip."""
+
+    k8: np.ndarray  # [B,Hkv,L,D] int8, already decompressed for the compressed prefix
+    ks: np.ndarray  # [B,Hkv,ceil(L/64)]
+    v8: np.ndarray
+    vs: np.ndarray
+    compressed_len: int  # tokens in the INT4/INT2 prefix (multiple of 64); the rest is the INT8 buffer
+
+
+def build_cache(k, v, head_bits):
+    """Quantize K (smoothed), V to INT8, compress every full 64-token block per its head's bits."""
+    k8, ks = quantize_int8(k, smoothing_mean(k))
+    v8, vs = quantize_int8(v)
+    length = k8.shape[2]
+    compressed_len = (length // QUANT_BLOCK) * QUANT_BLOCK
+    for x8 in (k8, v8):
+        for head, bits in enumerate(head_bits):
+            part = x8[:, head : head + 1, :compressed_len]
+            if compressed_len:
+                x8[:, head : head + 1, :compressed_len] = decompress_int8(*compress_int8(part, int(bits)))
+    return ReferenceCache(k8, ks, v8, vs, compressed_len)
+
+
+def decode_partition(num_blocks, num_splits):
+    """Blocks of split s: [s * per, min((s + 1) * per, num_blocks)) with per = ceil(blocks / splits)."""
+    per = -(-num_blocks // num_splits) if num_blocks else 0
+    return [(min(s * per, num_blocks), min((s + 1) * per, num_blocks)) for s in range(num_splits)]
+
+
+def turbo_decode(q, cache: ReferenceCache, scale=None, num_splits=4):
+    """One query token per head over the cache: split-KV partial states, merged with SAS weights.
+
+    Splits cover the compressed prefix; the INT8 buffer is one more partial state.
+    q: [B,H,1,D].
+    """
+    q = np.asarray(q, np.float64)
+    b, h, _, d = q.shape
+    group = h // cache.k8.shape[1]
+    scale = scale if scale is not None else d**-0.5
+    q8, qs = quantize_int8(q)
+    k8, ks, v8, vs = (np.repeat(a, group, axis=1) for a in (cache.k8, cache.ks, cache.v8, cache.vs))
+    row_scale = qs[:, :, :1] * scale  # [B,H,1]
+    length = k8.shape[2]
+    ranges = decode_partition(cache.compressed_len // QUANT_BLOCK, num_splits)
+    tail_blocks = range(cache.compressed_len // QUANT_BLOCK, -(-length // QUANT_BLOCK))
+    partials = []
+    for blocks in [range(lo, hi) for lo, hi in ranges] + [tail_blocks]:
+        state = _OnlineSoftmax((b, h, 1), d)
+        for t in blocks:
+            cols = slice(t * QUANT_BLOCK, min(length, (t + 1) * QUANT_BLOCK))
+            s_int = np.einsum("bhid,bhjd->bhij", q8.astype(np.float64), k8[:, :, cols].astype(np.float64))
+            s = s_int * (row_scale * ks[:, :, t, None])[..., None]
+            state.update(s, np.ones(s.shape[-2:], bool), v8[:, :, cols], vs[:, :, t, None])
+        partials.append(state)
+    return merge_states([p.acc for p in partials], [p.m for p in partials], [p.l for p in partials])
+
+
+def merge_states(accs, maxes, sums):
+    """Combine partial (acc, m, l) states: weights SAS(m_s - max_s m_s)."""
+    m_all = np.max(np.stack(maxes), axis=0)
+    acc = sum(_sas_of_difference(m, m_all)[..., None] * a for a, m in zip(accs, maxes))
+    l = sum(_sas_of_difference(m, m_all) * s for s, m in zip(sums, maxes))
+    return np.divide(acc, l[..., None], out=np.zeros_like(acc), where=l[..., None] > 0)
