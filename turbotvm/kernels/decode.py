@@ -1,0 +1,207 @@
+"""Decode attention over the compressed cache, split along the sequence (flash-decoding).
+
+``decode_split(D, bits)`` covers one group of KV heads stored at ``bits`` (2 or 4: packed codes
+expanded to INT8 on the fly; 8: the INT8 buffer of recent tokens, whose step/zero arguments
+are unused placeholders of shape [B, HG, 1, D]). Tile = (batch, KV head of
+the group, query head of its GQA group, split); it writes an unnormalised partial state
+(acc, m, l) into slot ``slot_offset + split``. ``decode_merge(D)`` combines the slots with SAS
+weights (docs/algorithm.md §5). Same tile math as prefill, with one query row.
+"""
+
+from tvm.script import tirx as T
+
+from ..algorithm import INT8_MAX, QUANT_BLOCK, codes_per_byte
+from .kv_compress import expand, unpack_code
+from .sas import NEG_BIG, sas_exp
+
+BK = QUANT_BLOCK
+
+
+def _load_int8(codes, step, zero, b, g, t, d, bits):
+    if bits == 8:
+        return T.Cast("int32", codes[b, g, t, d])
+    return expand(unpack_code(codes, b, g, t, d, bits), step[b, g, t // BK, d], zero[b, g, t // BK, d])
+
+
+def decode_split(head_dim: int, bits: int):
+    D = head_dim
+    code_dtype = "int8" if bits == 8 else "uint8"
+    code_width = D if bits == 8 else D // codes_per_byte(bits)
+
+    @T.prim_func(s_tir=True)
+    def decode_split_func(q_h: T.handle, q_scale_h: T.handle, heads_h: T.handle,
+                          k_codes_h: T.handle, k_step_h: T.handle, k_zero_h: T.handle, k_scale_h: T.handle,
+                          v_codes_h: T.handle, v_step_h: T.handle, v_zero_h: T.handle, v_scale_h: T.handle,
+                          o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle,
+                          sm_scale: T.float32, group_size: T.int64, num_splits: T.int64, slot_offset: T.int64):
+        B, H, HG, L, NB, NP, S = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (B, H, 1, D), "int8")
+        q_scale = T.match_buffer(q_scale_h, (B, H, 1), "float32")
+        heads = T.match_buffer(heads_h, (HG,), "int32")
+        k_codes = T.match_buffer(k_codes_h, (B, HG, L, code_width), code_dtype)
+        k_step = T.match_buffer(k_step_h, (B, HG, NP, D), "uint8")
+        k_zero = T.match_buffer(k_zero_h, (B, HG, NP, D), "int8")
+        k_scale = T.match_buffer(k_scale_h, (B, HG, NB), "float32")
+        v_codes = T.match_buffer(v_codes_h, (B, HG, L, code_width), code_dtype)
+        v_step = T.match_buffer(v_step_h, (B, HG, NP, D), "uint8")
+        v_zero = T.match_buffer(v_zero_h, (B, HG, NP, D), "int8")
+        v_scale = T.match_buffer(v_scale_h, (B, HG, NB), "float32")
+        o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
+        m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
+        l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
+        for b, g, r, s in T.grid(B, HG, group_size, num_splits):
+            with T.sblock("tile"):
+                vb, vg, vr, vs = T.axis.remap("SSSS", [b, g, r, s])
+                T.reads(q[vb, 0:H, 0, 0:D], q_scale[vb, 0:H, 0], heads[0:HG],
+                        k_codes[vb, vg, 0:L, 0:code_width], k_step[vb, vg, 0:NP, 0:D], k_zero[vb, vg, 0:NP, 0:D],
+                        k_scale[vb, vg, 0:NB], v_codes[vb, vg, 0:L, 0:code_width], v_step[vb, vg, 0:NP, 0:D],
+                        v_zero[vb, vg, 0:NP, 0:D], v_scale[vb, vg, 0:NB])
+                T.writes(o_part[vb, 0:H, 0:S, 0:D], m_part[vb, 0:H, 0:S], l_part[vb, 0:H, 0:S])
+                k_tile = T.sblock_alloc_buffer((BK, D), "int8")
+                v_tile = T.sblock_alloc_buffer((BK, D), "int8")
+                s_int = T.sblock_alloc_buffer((BK,), "int32")
+                score = T.sblock_alloc_buffer((BK,), "float32")
+                p_code = T.sblock_alloc_buffer((BK,), "int8")
+                pv_int = T.sblock_alloc_buffer((D,), "int32")
+                acc = T.sblock_alloc_buffer((D,), "float32")
+                state = T.sblock_alloc_buffer((5,), "float32")  # m, l, tile_max, corr, p_scale
+                p_sum = T.sblock_alloc_buffer((1,), "int32")
+                hq = T.Cast("int64", heads[vg]) * group_size + vr
+                per_split = T.ceildiv(T.ceildiv(L, BK), num_splits)
+                first = T.min(vs * per_split, T.ceildiv(L, BK))
+                with T.sblock("init_state"):
+                    state[0] = T.float32(NEG_BIG)
+                    state[1] = T.float32(0)
+                for d in range(D):
+                    with T.sblock("init_acc"):
+                        vd = T.axis.remap("S", [d])
+                        acc[vd] = T.float32(0)
+                for kt in T.serial(T.min(first + per_split, T.ceildiv(L, BK)) - first):
+                    for j, d in T.grid(BK, D):
+                        with T.sblock("k_expand"):
+                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                            vj, vd = T.axis.remap("SS", [j, d])
+                            T.where((first + kt) * BK + j < L)
+                            k_tile[vj, vd] = T.Cast("int8", _load_int8(
+                                k_codes, k_step, k_zero, vb, vg, (first + vkt) * BK + vj, vd, bits))
+                    for j, d in T.grid(BK, D):
+                        with T.sblock("qk"):
+                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                            vj, vd = T.axis.remap("SR", [j, d])
+                            T.where((first + kt) * BK + j < L)
+                            with T.init():
+                                s_int[vj] = 0
+                            s_int[vj] = s_int[vj] + T.Cast("int32", q[vb, hq, 0, vd]) * T.Cast("int32", k_tile[vj, vd])
+                    for j in range(BK):
+                        with T.sblock("score"):
+                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                            vj = T.axis.remap("S", [j])
+                            score[vj] = T.if_then_else(
+                                (first + vkt) * BK + vj < L,
+                                T.Cast("float32", s_int[vj]) * q_scale[vb, hq, 0] * k_scale[vb, vg, first + vkt] * sm_scale,
+                                T.float32(NEG_BIG))
+                    for j in range(BK):
+                        with T.sblock("tile_max"):
+                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                            vj = T.axis.remap("R", [j])
+                            with T.init():
+                                state[2] = T.float32(NEG_BIG)
+                            state[2] = T.max(state[2], score[vj])
+                    with T.sblock("rescale"):
+                        vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                        state[3] = sas_exp(state[0] - T.max(state[0], state[2]))
+                        state[4] = sas_exp(state[2] - T.max(state[0], state[2])) / T.float32(INT8_MAX)
+                        state[0] = T.max(state[0], state[2])
+                    for j in range(BK):
+                        with T.sblock("p_quant"):
+                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                            vj = T.axis.remap("S", [j])
+                            p_code[vj] = T.Cast("int8", T.if_then_else(
+                                T.And(score[vj] > T.float32(NEG_BIG), state[4] > T.float32(0)),
+                                T.min(T.nearbyint(sas_exp(score[vj] - state[0]) / state[4]), T.float32(INT8_MAX)),
+                                T.float32(0)))
+                    for j in range(BK):
+                        with T.sblock("p_sum"):
+                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                            vj = T.axis.remap("R", [j])
+                            with T.init():
+                                p_sum[0] = 0
+                            p_sum[0] = p_sum[0] + T.Cast("int32", p_code[vj])
+                    for j, d in T.grid(BK, D):
+                        with T.sblock("v_expand"):
+                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                            vj, vd = T.axis.remap("SS", [j, d])
+                            T.where((first + kt) * BK + j < L)
+                            v_tile[vj, vd] = T.Cast("int8", _load_int8(
+                                v_codes, v_step, v_zero, vb, vg, (first + vkt) * BK + vj, vd, bits))
+                    for d, j in T.grid(D, BK):
+                        with T.sblock("pv"):
+                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                            vd, vj = T.axis.remap("SR", [d, j])
+                            T.where((first + kt) * BK + j < L)
+                            with T.init():
+                                pv_int[vd] = 0
+                            pv_int[vd] = pv_int[vd] + T.Cast("int32", p_code[vj]) * T.Cast("int32", v_tile[vj, vd])
+                    for d in range(D):
+                        with T.sblock("update_acc"):
+                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                            vd = T.axis.remap("S", [d])
+                            acc[vd] = acc[vd] * state[3] + state[4] * v_scale[vb, vg, first + vkt] * T.Cast(
+                                "float32", pv_int[vd])
+                    with T.sblock("update_sum"):
+                        vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                        state[1] = state[1] * state[3] + state[4] * T.Cast("float32", p_sum[0])
+                for d in range(D):
+                    with T.sblock("store"):
+                        vd = T.axis.remap("S", [d])
+                        o_part[vb, hq, slot_offset + vs, vd] = acc[vd]
+                with T.sblock("store_state"):
+                    m_part[vb, hq, slot_offset + vs] = state[0]
+                    l_part[vb, hq, slot_offset + vs] = state[1]
+
+    return decode_split_func
+
+
+def decode_merge(head_dim: int, out_dtype: str):
+    D = head_dim
+
+    @T.prim_func(s_tir=True)
+    def decode_merge_func(o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, out_h: T.handle):
+        B, H, S = T.int64(), T.int64(), T.int64()
+        o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
+        m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
+        l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
+        out = T.match_buffer(out_h, (B, H, 1, D), out_dtype)
+        for b, h in T.grid(B, H):
+            with T.sblock("row"):
+                vb, vh = T.axis.remap("SS", [b, h])
+                T.reads(o_part[vb, vh, 0:S, 0:D], m_part[vb, vh, 0:S], l_part[vb, vh, 0:S])
+                T.writes(out[vb, vh, 0, 0:D])
+                m_all = T.sblock_alloc_buffer((1,), "float32")
+                l_all = T.sblock_alloc_buffer((1,), "float32")
+                acc = T.sblock_alloc_buffer((D,), "float32")
+                for s in range(S):
+                    with T.sblock("max"):
+                        vs = T.axis.remap("R", [s])
+                        with T.init():
+                            m_all[0] = T.float32(NEG_BIG)
+                        m_all[0] = T.max(m_all[0], m_part[vb, vh, vs])
+                for s in range(S):
+                    with T.sblock("sum"):
+                        vs = T.axis.remap("R", [s])
+                        with T.init():
+                            l_all[0] = T.float32(0)
+                        l_all[0] = l_all[0] + sas_exp(m_part[vb, vh, vs] - m_all[0]) * l_part[vb, vh, vs]
+                for d, s in T.grid(D, S):
+                    with T.sblock("weighted"):
+                        vd, vs = T.axis.remap("SR", [d, s])
+                        with T.init():
+                            acc[vd] = T.float32(0)
+                        acc[vd] = acc[vd] + sas_exp(m_part[vb, vh, vs] - m_all[0]) * o_part[vb, vh, vs, vd]
+                for d in range(D):
+                    with T.sblock("store"):
+                        vd = T.axis.remap("S", [d])
+                        out[vb, vh, 0, vd] = T.Cast(out_dtype, T.if_then_else(
+                            l_all[0] > T.float32(0), acc[vd] / l_all[0], T.float32(0)))
+
+    return decode_merge_func
