@@ -36,22 +36,24 @@ def compress(bits: int):
         step = T.match_buffer(step_h, (B, HG, NB, D), "uint8")
         zero = T.match_buffer(zero_h, (B, HG, NB, D), "int8")
         scale = T.match_buffer(scale_h, (B, HG, NB), "float32")
-        lo = T.sblock_alloc_buffer((B, HG, NB, D), "int32")
-        hi = T.sblock_alloc_buffer((B, HG, NB, D), "int32")
-        for b, g, blk, d, t in T.grid(B, HG, NB, D, BLK):
-            with T.sblock("range"):
-                vb, vg, vblk, vd, vt = T.axis.remap("SSSSR", [b, g, blk, d, t])
-                with T.init():
-                    lo[vb, vg, vblk, vd] = INT8_MAX
-                    hi[vb, vg, vblk, vd] = -INT8_MAX
-                lo[vb, vg, vblk, vd] = T.min(lo[vb, vg, vblk, vd], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
-                hi[vb, vg, vblk, vd] = T.max(hi[vb, vg, vblk, vd], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
         for b, g, blk, d in T.grid(B, HG, NB, D):
             with T.sblock("step_zero"):
                 vb, vg, vblk, vd = T.axis.remap("SSSS", [b, g, blk, d])
-                step[vb, vg, vblk, vd] = T.Cast(
-                    "uint8", T.max(1, T.ceildiv(hi[vb, vg, vblk, vd] - lo[vb, vg, vblk, vd], levels)))
-                zero[vb, vg, vblk, vd] = T.Cast("int8", lo[vb, vg, vblk, vd])
+                T.reads(x8[vb, 0:HKV, vblk * BLK:vblk * BLK + BLK, vd], heads[vg])
+                T.writes(step[vb, vg, vblk, vd], zero[vb, vg, vblk, vd])
+                lo = T.sblock_alloc_buffer((1,), "int32")
+                hi = T.sblock_alloc_buffer((1,), "int32")
+                for t in range(BLK):
+                    with T.sblock("range"):
+                        vt = T.axis.remap("R", [t])
+                        with T.init():
+                            lo[0] = INT8_MAX
+                            hi[0] = -INT8_MAX
+                        lo[0] = T.min(lo[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                        hi[0] = T.max(hi[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                with T.sblock("store"):
+                    step[vb, vg, vblk, vd] = T.Cast("uint8", T.max(1, T.ceildiv(hi[0] - lo[0], levels)))
+                    zero[vb, vg, vblk, vd] = T.Cast("int8", lo[0])
         for b, g, blk in T.grid(B, HG, NB):
             with T.sblock("gather_scale"):
                 vb, vg, vblk = T.axis.remap("SSS", [b, g, blk])
@@ -63,7 +65,7 @@ def compress(bits: int):
                     codes[vb, vg, vt, vbyte] = T.uint8(0)
                 codes[vb, vg, vt, vbyte] = codes[vb, vg, vt, vbyte] | T.shift_left(
                     T.Cast("uint8", _code(T.Cast("int32", x8[vb, heads[vg], vt, vbyte * per_byte + vc]),
-                                          lo[vb, vg, vt // BLK, vbyte * per_byte + vc],
+                                          T.Cast("int32", zero[vb, vg, vt // BLK, vbyte * per_byte + vc]),
                                           T.Cast("int32", step[vb, vg, vt // BLK, vbyte * per_byte + vc]), levels)),
                     T.Cast("uint8", vc * bits))
 

@@ -15,17 +15,20 @@ def channel_mean(in_dtype: str):
         B, H, N, D = T.int64(), T.int64(), T.int64(), T.int64()
         x = T.match_buffer(x_h, (B, H, N, D), in_dtype)
         mean = T.match_buffer(mean_h, (B, H, D), "float32")
-        total = T.sblock_alloc_buffer((B, H, D), "float32")
-        for b, h, d, t in T.grid(B, H, D, N):
-            with T.sblock("sum"):
-                vb, vh, vd, vt = T.axis.remap("SSSR", [b, h, d, t])
-                with T.init():
-                    total[vb, vh, vd] = T.float32(0)
-                total[vb, vh, vd] = total[vb, vh, vd] + T.Cast("float32", x[vb, vh, vt, vd])
         for b, h, d in T.grid(B, H, D):
-            with T.sblock("divide"):
+            with T.sblock("channel"):
                 vb, vh, vd = T.axis.remap("SSS", [b, h, d])
-                mean[vb, vh, vd] = total[vb, vh, vd] / T.Cast("float32", N)
+                T.reads(x[vb, vh, 0:N, vd])
+                T.writes(mean[vb, vh, vd])
+                total = T.sblock_alloc_buffer((1,), "float32")
+                for t in range(N):
+                    with T.sblock("sum"):
+                        vt = T.axis.remap("R", [t])
+                        with T.init():
+                            total[0] = T.float32(0)
+                        total[0] = total[0] + T.Cast("float32", x[vb, vh, vt, vd])
+                with T.sblock("divide"):
+                    mean[vb, vh, vd] = total[0] / T.Cast("float32", N)
 
     return channel_mean_func
 
@@ -44,6 +47,11 @@ def quantize_int8(in_dtype: str, smoothed: bool):
         for b, h, blk in T.grid(B, H, NB):
             with T.sblock("block"):
                 vb, vh, vblk = T.axis.remap("SSS", [b, h, blk])
+                if mean is None:
+                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D])
+                else:
+                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], mean[vb, vh, 0:D])
+                T.writes(codes[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], scale[vb, vh, vblk])
                 absmax = T.sblock_alloc_buffer((1,), "float32")
                 inv = T.sblock_alloc_buffer((1,), "float32")
                 for t, d in T.grid(BLK, D):
@@ -55,7 +63,7 @@ def quantize_int8(in_dtype: str, smoothed: bool):
                         absmax[0] = T.max(absmax[0], T.abs(_centered(x, mean, vb, vh, vblk * BLK + vt, vd)))
                 with T.sblock("scale"):
                     scale[vb, vh, vblk] = T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1)) / T.float32(INT8_MAX)
-                    inv[0] = T.float32(1) / scale[vb, vh, vblk]
+                    inv[0] = T.float32(INT8_MAX) / T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1))
                 for t, d in T.grid(BLK, D):
                     with T.sblock("round"):
                         vt, vd = T.axis.remap("SS", [t, d])

@@ -1,0 +1,39 @@
+"""CPU (LLVM) rule: parallel over each kernel's independent tiles, vectorized inner loops.
+
+Tiles (batch, head, query tile / split) run on separate cores; inside a tile, loops over the
+head dim or the KV tile whose block is element-wise are vectorized, and the INT8 dot products
+(reductions over the head dim, innermost) are left to LLVM's loop vectorizer.
+"""
+
+from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import ScheduleError
+
+from .common import inner_blocks, leading_spatial_loops, top_level_blocks
+
+#: Widest loop that is turned into one vector op (LLVM splits it into machine vectors).
+MAX_VECTOR = 128
+
+
+def schedule_cpu(sch: Schedule, func_name: str, target) -> None:
+    del target
+    sch.work_on(func_name)
+    for block in top_level_blocks(sch):
+        loops = leading_spatial_loops(sch, block)
+        if loops:
+            sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+        for inner in inner_blocks(sch, block):
+            _vectorize_innermost(sch, inner)
+
+
+def _vectorize_innermost(sch: Schedule, block) -> None:
+    sblock = sch.get(block)
+    if not sblock.iter_vars or sblock.iter_vars[-1].iter_type != 0 or sch.get_child_blocks(block):
+        return
+    loop = sch.get_loops(block)[-1]
+    extent = sch.get(loop).extent
+    if getattr(extent, "value", MAX_VECTOR + 1) > MAX_VECTOR:
+        return
+    try:
+        sch.vectorize(loop)
+    except ScheduleError:
+        pass  # a block whose innermost loop cannot be vectorized stays scalar

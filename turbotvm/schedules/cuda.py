@@ -1,0 +1,33 @@
+"""CUDA baseline rule (SIMT): one thread per independent tile, tile state in registers/local memory.
+
+This is the portable, always-valid mapping used when no tensor-core schedule applies; it keeps
+the math of the unscheduled kernel unchanged, so its CUDA source is what CI compiles with nvcc.
+"""
+
+from tvm.s_tir import Schedule
+
+from .common import inner_blocks, leading_spatial_loops, top_level_blocks
+
+THREADS_PER_BLOCK = 64
+
+
+def schedule_cuda(sch: Schedule, func_name: str, target) -> None:
+    del target
+    sch.work_on(func_name)
+    for block in top_level_blocks(sch):
+        loops = leading_spatial_loops(sch, block)
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        ctas, threads = sch.split(fused, factors=[None, THREADS_PER_BLOCK])
+        sch.bind(ctas, "blockIdx.x")
+        sch.bind(threads, "threadIdx.x")
+        _tile_state_to_local(sch, block)
+
+
+def _tile_state_to_local(sch: Schedule, tile) -> None:
+    """Buffers a tile allocates live in the thread's registers or local memory."""
+    allocated = list(sch.get(tile).alloc_buffers)
+    for inner in inner_blocks(sch, tile):
+        for index, region in enumerate(sch.get(inner).writes):
+            if any(region.source.same_as(buf) for buf in allocated):
+                sch.set_scope(inner, index, "local")
+                allocated = [buf for buf in allocated if not region.source.same_as(buf)]
