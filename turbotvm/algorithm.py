@@ -28,7 +28,7 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 CACHE_BITS = (2, 4)
 
 #: Share of KV heads stored at 2 bits in a mixed-precision cache (lowest gap*std first).
-DEFAULT_2BIT_HEAD_SHARE = 0.5
+DEFAULT_2BIT_HEAD_SHARE = 0.25
 
 
 def codes_per_byte(bits: int) -> int:

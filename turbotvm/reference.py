@@ -190,24 +190,6 @@ def decompress_int8(code, step, zero):
     return np.minimum(x, INT8_MAX).reshape(b, h, length, d).astype(np.int8)
 
 
-def head_priority(k, v):
-    """gap * std per KV head (gap = max - min), summed over K and V: low priority -> 2 bits."""
-    def one(x):
-        x = np.asarray(x, np.float64)
-        flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
-        return (flat.max(1) - flat.min(1)) * flat.std(1)
-    return one(k) + one(v)
-
-
-def select_head_bits(k, v, share_2bit):
-    """Bits per KV head: the lowest-priority round(share * H_kv) heads get 2 bits, the rest 4."""
-    priority = head_priority(k, v)
-    num_2bit = int(round(share_2bit * len(priority)))
-    bits = np.full(len(priority), 4, np.int64)
-    bits[np.argsort(priority, kind="stable")[:num_2bit]] = 2
-    return bits
-
-
 # ----------------------------------------------------------------------------- decode
 
 

@@ -1,0 +1,172 @@
+"""TurboAttention on compiled kernels: torch/numpy arrays in, kernels called in order, arrays out.
+
+The path of the data: tensors -> checks (turbotvm.validation) -> FlashQ quantize kernels ->
+prefill or decode kernels -> output tensor. Tensors pass to TVM by DLPack without a copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import kernel_set as names
+from .algorithm import CACHE_BITS, QUANT_BLOCK
+from .codegen import CompiledKernels, build, load
+from .compressed_kv import CompressedKV, PackedGroup
+from .kernel_set import KernelSetConfig
+from .kernels.sas import NEG_BIG
+from .validation import as_tensor, check_attention_inputs, check_head_dim, check_scale, check_tensor, dtype_name
+
+DEFAULT_DECODE_SPLITS = 4
+
+
+class TurboAttention:
+    """Prefill and decode with one compiled kernel set (built here or loaded from an export)."""
+
+    def __init__(self, kernels: CompiledKernels):
+        self.kernels = kernels
+        self.device_type = "cuda" if kernels.target_kind == "cuda" else "cpu"
+
+    @classmethod
+    def build(cls, target="llvm", head_dims=(64, 128), dtypes=("float32",), progress=False) -> TurboAttention:
+        return cls(build(target, KernelSetConfig(tuple(head_dims), tuple(dtypes)), progress))
+
+    @classmethod
+    def load(cls, module_dir) -> TurboAttention:
+        return cls(load(module_dir))
+
+    @property
+    def config(self) -> KernelSetConfig:
+        return self.kernels.config
+
+    # ------------------------------------------------------------------ FlashQ stage 1
+
+    def _empty(self, like, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=like.device)
+
+    def quantize(self, x: torch.Tensor, dtype: str, mean: torch.Tensor | None = None):
+        """INT8 codes and per-64-token scales of x [B, H, N, D]."""
+        b, h, n, d = x.shape
+        codes = self._empty(x, (b, h, n, d), torch.int8)
+        scale = self._empty(x, (b, h, -(-n // QUANT_BLOCK)), torch.float32)
+        if mean is None:
+            self.kernels[names.quantize_name(dtype, False)](x, codes, scale)
+        else:
+            self.kernels[names.quantize_name(dtype, True)](x, mean, codes, scale)
+        return codes, scale
+
+    def smoothing_mean(self, k: torch.Tensor, dtype: str) -> torch.Tensor:
+        mean = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
+        self.kernels[names.channel_mean_name(dtype)](k, mean)
+        return mean
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill(self, q, k, v, causal: bool = False, scale: float | None = None):
+        """Attention of q [B,H,N,D] over k, v [B,H_kv,M,D]; returns q's type, dtype and shape.
+
+        Causal masks are aligned bottom-right (key j visible to query i iff j <= i + M - N), as in
+        FlashAttention; for N == M this is torch's ``is_causal``.
+        """
+        was_numpy = isinstance(q, np.ndarray)
+        q, k, v, dtype = check_attention_inputs(q, k, v, self.config, self.device_type)
+        scale = check_scale(scale, q.shape[3])
+        q8, q_scale = self.quantize(q, dtype)
+        k8, k_scale = self.quantize(k, dtype, self.smoothing_mean(k, dtype))
+        v8, v_scale = self.quantize(v, dtype)
+        out = torch.empty_like(q)
+        kernel = self.kernels[names.prefill_name(q.shape[3], bool(causal), dtype)]
+        kernel(q8, q_scale, k8, k_scale, v8, v_scale, out, scale)
+        return out.numpy() if was_numpy else out
+
+    # ------------------------------------------------------------------ KV cache
+
+    def compress_kv(self, k, v, head_bits) -> CompressedKV:
+        """Quantize K (smoothed) and V to INT8 and compress each full 64-token block to its head's bits."""
+        k, v = as_tensor("k", k), as_tensor("v", v)
+        for name, x in (("k", k), ("v", v)):
+            check_tensor(name, x, 4, self.device_type)
+        dtype = dtype_name("k", k, self.config)
+        if v.dtype != k.dtype or v.shape != k.shape:
+            raise ValueError(f"v: expected shape {tuple(k.shape)} and dtype {k.dtype} (same as k), got {tuple(v.shape)}, {v.dtype}")
+        check_head_dim("k", k.shape[3], self.config)
+        head_bits = tuple(int(b) for b in np.asarray(head_bits).reshape(-1))
+        if len(head_bits) != k.shape[1] or any(b not in CACHE_BITS for b in head_bits):
+            raise ValueError(f"head_bits: expected {k.shape[1]} values (one per KV head) from {CACHE_BITS}, got {head_bits}")
+        b, hkv, length, d = k.shape
+        k_mean = self.smoothing_mean(k, dtype)
+        k8, k_scale = self.quantize(k, dtype, k_mean)
+        v8, v_scale = self.quantize(v, dtype)
+        nblocks = length // QUANT_BLOCK
+        compressed_len = nblocks * QUANT_BLOCK
+        cache = CompressedKV(head_bits, d, length, compressed_len, k_mean)
+        if nblocks:
+            k8_full, v8_full = k8[:, :, :compressed_len].contiguous(), v8[:, :, :compressed_len].contiguous()
+            ks_full, vs_full = k_scale[:, :, :nblocks].contiguous(), v_scale[:, :, :nblocks].contiguous()
+            for bits in CACHE_BITS:
+                heads = [h for h, hb in enumerate(head_bits) if hb == bits]
+                if heads:
+                    cache.groups.append(self._compress_group(bits, heads, k8_full, ks_full, v8_full, vs_full))
+        if compressed_len < length:
+            cache.buffer_k = k8[:, :, compressed_len:].contiguous()
+            cache.buffer_v = v8[:, :, compressed_len:].contiguous()
+            cache.buffer_k_scale = k_scale[:, :, nblocks:].contiguous()
+            cache.buffer_v_scale = v_scale[:, :, nblocks:].contiguous()
+        return cache
+
+    def _compress_group(self, bits, heads, k8, k_scale, v8, v_scale) -> PackedGroup:
+        b, _, length, d = k8.shape
+        hg, nblocks = len(heads), length // QUANT_BLOCK
+        head_ids = torch.tensor(heads, dtype=torch.int32, device=k8.device)
+        parts = []
+        for x8, scale in ((k8, k_scale), (v8, v_scale)):
+            codes = self._empty(x8, (b, hg, length, d * bits // 8), torch.uint8)
+            step = self._empty(x8, (b, hg, nblocks, d), torch.uint8)
+            zero = self._empty(x8, (b, hg, nblocks, d), torch.int8)
+            group_scale = self._empty(x8, (b, hg, nblocks), torch.float32)
+            self.kernels[names.compress_name(bits)](x8, scale, head_ids, codes, step, zero, group_scale)
+            parts += [codes, step, zero, group_scale]
+        return PackedGroup(bits, head_ids, *parts)
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
+        """Attention of one query token q [B,H,1,D] over the whole compressed cache."""
+        was_numpy = isinstance(q, np.ndarray)
+        q = as_tensor("q", q)
+        check_tensor("q", q, 4, self.device_type)
+        dtype = dtype_name("q", q, self.config)
+        b, h, n, d = q.shape
+        if n != 1:
+            raise ValueError(f"q: expected one token per sequence for decode ([B, H, 1, D]), got {n}")
+        if d != cache.head_dim:
+            raise ValueError(f"q: expected head_dim {cache.head_dim} (the cache's), got {d}")
+        if h % cache.num_kv_heads or b != cache.k_mean.shape[0]:
+            raise ValueError(f"q: expected batch {cache.k_mean.shape[0]} and heads a multiple of "
+                             f"{cache.num_kv_heads} (the cache's), got shape {tuple(q.shape)}")
+        if cache.k_mean.device != q.device:
+            raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {cache.k_mean.device}")
+        if int(num_splits) < 1:
+            raise ValueError(f"num_splits: expected a positive integer, got {num_splits}")
+        check_head_dim("q", d, self.config)
+        scale = check_scale(scale, d)
+        group_size = h // cache.num_kv_heads
+        q8, q_scale = self.quantize(q, dtype)
+        slots = num_splits + 1  # splits over the compressed prefix + one for the INT8 buffer
+        o_part = torch.zeros((b, h, slots, d), dtype=torch.float32, device=q.device)
+        m_part = torch.full((b, h, slots), NEG_BIG, dtype=torch.float32, device=q.device)
+        l_part = torch.zeros((b, h, slots), dtype=torch.float32, device=q.device)
+        for group in cache.groups:
+            self.kernels[names.decode_split_name(d, group.bits)](
+                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, num_splits, 0)
+        if cache.buffer_k is not None:
+            heads = torch.arange(cache.num_kv_heads, dtype=torch.int32, device=q.device)
+            unused_step = torch.zeros((b, cache.num_kv_heads, 1, d), dtype=torch.uint8, device=q.device)
+            unused_zero = torch.zeros((b, cache.num_kv_heads, 1, d), dtype=torch.int8, device=q.device)
+            self.kernels[names.decode_split_name(d, 8)](
+                q8, q_scale, heads, cache.buffer_k, unused_step, unused_zero, cache.buffer_k_scale,
+                cache.buffer_v, unused_step, unused_zero, cache.buffer_v_scale,
+                o_part, m_part, l_part, scale, group_size, 1, num_splits)
+        out = torch.empty_like(q)
+        self.kernels[names.decode_merge_name(d, dtype)](o_part, m_part, l_part, out)
+        return out.numpy() if was_numpy else out

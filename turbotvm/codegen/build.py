@@ -1,0 +1,74 @@
+"""Build every kernel of a ``KernelSetConfig`` for one target: schedule, then ``tvm.compile``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import tvm
+from tqdm import tqdm
+from tvm import s_tir
+
+from ..kernel_set import KernelSetConfig, make_kernel_set
+from ..schedules import schedule_for
+
+
+def make_target(spec) -> tvm.target.Target:
+    """A Target from 'llvm', 'cuda', a tag, a JSON/dict spec, or a Target (CPU: all cores)."""
+    if isinstance(spec, tvm.target.Target):
+        return spec
+    if isinstance(spec, str) and spec.strip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"target: expected valid JSON for a dict spec, got {spec!r} ({err})") from None
+    if spec == "llvm":
+        spec = {"kind": "llvm", "num-cores": os.cpu_count() or 1}
+    try:
+        target = tvm.target.Target(spec)
+    except Exception as err:  # TVM raises its own error types for unknown kinds/tags
+        raise ValueError(f"target: expected 'llvm', 'cuda', a TVM tag or a dict spec, got {spec!r} ({err})") from None
+    if target.kind.name not in ("llvm", "cuda"):
+        raise ValueError(f"target: expected kind 'llvm' or 'cuda', got {target.kind.name!r}")
+    return target
+
+
+@dataclass
+class CompiledKernels:
+    """Compiled functions by name, plus what they were built for."""
+
+    module: object  # tvm Executable (fresh build) or runtime Module (loaded)
+    config: KernelSetConfig
+    target_kind: str
+    target: str
+    names: tuple
+
+    def __getitem__(self, name: str):
+        if name not in self.names:
+            raise KeyError(f"kernel {name!r} is not in this build (built for {self.config})")
+        return self.module[name]
+
+    def cuda_source(self) -> str:
+        if self.target_kind != "cuda":
+            raise ValueError(f"cuda_source: this build targets {self.target_kind!r}, not 'cuda'")
+        return self.module.mod.imports[0].inspect_source()
+
+
+def schedule_module(funcs: dict, target, progress: bool = False) -> tvm.IRModule:
+    schedule = schedule_for(target)
+    sch = s_tir.Schedule(tvm.IRModule(funcs))
+    for name in tqdm(funcs, desc="schedule", unit="kernel", disable=not progress, leave=False):
+        schedule(sch, name, target)
+    return sch.mod
+
+
+def build(target="llvm", config: KernelSetConfig | None = None, progress: bool = False) -> CompiledKernels:
+    target = make_target(target)
+    config = config or KernelSetConfig()
+    kernel_set = make_kernel_set(config)
+    mod = schedule_module(kernel_set.funcs, target, progress)
+    if progress:
+        tqdm.write(f"compiling {len(kernel_set.funcs)} kernels for {target.kind.name} ...")
+    executable = tvm.compile(mod, target=target)
+    return CompiledKernels(executable, config, target.kind.name, str(target), tuple(kernel_set.funcs))

@@ -1,0 +1,58 @@
+"""The compressed KV cache as tensors: what the decode kernels read (docs/algorithm.md §2, §5).
+
+Tokens [0, compressed_len) are stored per bit width group (heads of equal bits together):
+packed codes [B, HG, Lc, D*bits/8] uint8, integer step/zero [B, HG, Lc/64, D], the FlashQ INT8
+scale [B, HG, Lc/64] and the group's global KV head ids. Tokens [compressed_len, length) stay
+INT8 (the buffer of recent tokens, compressed once it holds 64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PackedGroup:
+    bits: int
+    heads: torch.Tensor  # [HG] int32: global KV head ids
+    k_codes: torch.Tensor
+    k_step: torch.Tensor
+    k_zero: torch.Tensor
+    k_scale: torch.Tensor
+    v_codes: torch.Tensor
+    v_step: torch.Tensor
+    v_zero: torch.Tensor
+    v_scale: torch.Tensor
+
+    def tensors(self):
+        return (self.k_codes, self.k_step, self.k_zero, self.k_scale, self.v_codes, self.v_step, self.v_zero, self.v_scale)
+
+
+@dataclass
+class CompressedKV:
+    head_bits: tuple  # bits per KV head
+    head_dim: int
+    length: int
+    compressed_len: int
+    k_mean: torch.Tensor  # [B, H_kv, D] float32: K smoothing offset, reused for later tokens
+    groups: list = field(default_factory=list)  # PackedGroup per bit width present
+    buffer_k: torch.Tensor | None = None  # [B, H_kv, L - Lc, D] int8
+    buffer_k_scale: torch.Tensor | None = None  # [B, H_kv, 1] float32
+    buffer_v: torch.Tensor | None = None
+    buffer_v_scale: torch.Tensor | None = None
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.head_bits)
+
+    def nbytes(self) -> int:
+        """Bytes held, scales and offsets included."""
+        tensors = [self.k_mean] + [t for g in self.groups for t in g.tensors()]
+        tensors += [t for t in (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def fp16_nbytes(self) -> int:
+        """Bytes the same K and V take in fp16, for the compression ratio."""
+        return 2 * 2 * self.k_mean.shape[0] * self.num_kv_heads * self.length * self.head_dim

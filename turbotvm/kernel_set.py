@@ -1,0 +1,96 @@
+"""Which kernels a build holds: names, the factory behind each, and the configuration they cover.
+
+A ``KernelSetConfig`` (head dims x input dtypes) names every prim_func of a build; the same
+names go into the export manifest, so a loaded module can say what it was built for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .algorithm import CACHE_BITS, SUPPORTED_HEAD_DIMS
+from .kernels import decode, kv_compress, prefill, quantize
+
+#: Activation dtypes the kernels take and return.
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class KernelSetConfig:
+    head_dims: tuple[int, ...] = SUPPORTED_HEAD_DIMS
+    dtypes: tuple[str, ...] = ("float32",)
+
+    def __post_init__(self):
+        for d in self.head_dims:
+            if d not in SUPPORTED_HEAD_DIMS:
+                raise ValueError(f"head_dims: expected values in {SUPPORTED_HEAD_DIMS}, got {d}")
+        for t in self.dtypes:
+            if t not in SUPPORTED_DTYPES:
+                raise ValueError(f"dtypes: expected values in {SUPPORTED_DTYPES}, got {t!r}")
+        if not self.head_dims or not self.dtypes:
+            raise ValueError("head_dims and dtypes: expected at least one value each")
+
+    def to_json(self) -> dict:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> KernelSetConfig:
+        return cls(head_dims=tuple(int(d) for d in data["head_dims"]), dtypes=tuple(data["dtypes"]))
+
+
+# --------------------------------------------------------------------------- names
+
+
+def quantize_name(dtype: str, smoothed: bool) -> str:
+    return f"quantize_{'smoothed_' if smoothed else ''}{dtype}"
+
+
+def channel_mean_name(dtype: str) -> str:
+    return f"channel_mean_{dtype}"
+
+
+def compress_name(bits: int) -> str:
+    return f"compress_b{bits}"
+
+
+def decompress_name(bits: int) -> str:
+    return f"decompress_b{bits}"
+
+
+def prefill_name(head_dim: int, causal: bool, dtype: str) -> str:
+    return f"prefill_{'causal' if causal else 'full'}_d{head_dim}_{dtype}"
+
+
+def decode_split_name(head_dim: int, bits: int) -> str:
+    return f"decode_split_b{bits}_d{head_dim}"
+
+
+def decode_merge_name(head_dim: int, dtype: str) -> str:
+    return f"decode_merge_d{head_dim}_{dtype}"
+
+
+@dataclass
+class KernelSet:
+    """The prim_funcs of one build, by exported name (unscheduled)."""
+
+    config: KernelSetConfig
+    funcs: dict = field(default_factory=dict)
+
+
+def make_kernel_set(config: KernelSetConfig) -> KernelSet:
+    funcs = {}
+    for dtype in config.dtypes:
+        funcs[quantize_name(dtype, False)] = quantize.quantize_int8(dtype, smoothed=False)
+        funcs[quantize_name(dtype, True)] = quantize.quantize_int8(dtype, smoothed=True)
+        funcs[channel_mean_name(dtype)] = quantize.channel_mean(dtype)
+    for bits in CACHE_BITS:
+        funcs[compress_name(bits)] = kv_compress.compress(bits)
+        funcs[decompress_name(bits)] = kv_compress.decompress(bits)
+    for d in config.head_dims:
+        for dtype in config.dtypes:
+            for causal in (False, True):
+                funcs[prefill_name(d, causal, dtype)] = prefill.prefill(d, causal, dtype)
+            funcs[decode_merge_name(d, dtype)] = decode.decode_merge(d, dtype)
+        for bits in CACHE_BITS + (8,):
+            funcs[decode_split_name(d, bits)] = decode.decode_split(d, bits)
+    return KernelSet(config, {name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
