@@ -94,7 +94,7 @@ def check_decode(turbo, q, k, v, head_bits, num_splits, min_exact):
     out = turbo.decode(q, cache, num_splits=num_splits)
     expected = ref.turbo_decode(q, ref.build_cache(k, v, head_bits), num_splits=num_splits)
     exact = ref.exact_attention(q, k, v)
-    print(f"bits={list(head_bits)} ratio={cache.nbytes() / cache.fp16_nbytes():.3f} vs reference "
+    print(f"bits={[int(b) for b in head_bits]} ratio={cache.nbytes() / cache.fp16_nbytes():.3f} vs reference "
           f"cos={cosine(out, expected):.8f} max|err|={max_abs_error(out, expected):.2e}; vs exact cos={cosine(out, exact):.5f}")
     assert out.shape == q.shape
     assert cosine(out, expected) >= SAME_ALGORITHM

@@ -1,0 +1,120 @@
+"""Codegen: CUDA source without a GPU, nvcc on it, export -> load in a new process, bad module files."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from turbotvm.codegen import emit_cuda_source, export, load
+from turbotvm.codegen.export import MANIFEST
+from turbotvm.kernel_set import KernelSetConfig
+
+
+@pytest.fixture(scope="module")
+def cuda_source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cuda") / "kernels.cu"
+    return path, emit_cuda_source("sm_90", KernelSetConfig(head_dims=(64, 128), dtypes=("float16",)), path)
+
+
+def test_cuda_source_has_every_kernel(cuda_source):
+    _, source = cuda_source
+    for name in ("prefill_causal_d128_float16", "prefill_full_d64_float16", "decode_split_b4_d128",
+                 "decode_split_b2_d64", "decode_merge_d128_float16", "compress_b2", "quantize_smoothed_float16"):
+        assert f"{name}_kernel" in source, name
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_source_compiles_with_nvcc_sm90(cuda_source, tmp_path):
+    path, _ = cuda_source
+    result = subprocess.run(["nvcc", "-arch=sm_90", "-c", str(path), "-o", str(tmp_path / "k.o")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "k.o").stat().st_size > 0
+
+
+LOAD_AND_RUN = """
+import sys, numpy as np
+from turbotvm import TurboAttention
+turbo = TurboAttention.load(sys.argv[1])
+data = np.load(sys.argv[2])
+out = turbo.prefill(data["q"], data["k"], data["v"], causal=True)
+np.save(sys.argv[3], out)
+"""
+
+
+def test_export_load_in_new_process_bit_identical(turbo_cpu, rng, tmp_path):
+    module_dir = export(turbo_cpu.kernels, tmp_path / "module")
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in [(1, 4, 100, 64), (1, 2, 100, 64), (1, 2, 100, 64)])
+    np.savez(tmp_path / "in.npz", q=q, k=k, v=v)
+    subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(module_dir), str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npy")], check=True, timeout=300)
+    here = turbo_cpu.prefill(q, k, v, causal=True)
+    assert np.array_equal(np.load(tmp_path / "out.npy"), here)
+
+
+@pytest.fixture
+def exported(turbo_cpu, tmp_path):
+    return export(turbo_cpu.kernels, tmp_path / "module")
+
+
+def test_loaded_module_refuses_unbuilt_head_dim(exported, rng):
+    from turbotvm import TurboAttention
+
+    turbo = TurboAttention.load(exported)
+    q = rng.standard_normal((1, 2, 8, 96)).astype(np.float32)
+    with pytest.raises(ValueError, match="head_dim 96 is not supported"):
+        turbo.prefill(q, q, q)
+    with pytest.raises(TypeError, match="expected dtype in"):
+        turbo.prefill(*(rng.standard_normal((1, 2, 8, 64)).astype(np.float16),) * 3)
+
+
+def test_corrupt_library_is_refused(exported):
+    library = exported / "kernels.so"
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    library.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum differs"):
+        load(exported)
+
+
+def test_truncated_library_is_refused(exported):
+    library = exported / "kernels.so"
+    library.write_bytes(library.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="checksum differs"):
+        load(exported)
+
+
+def test_foreign_file_as_module_is_refused(exported):
+    (exported / MANIFEST).write_text("this is not json")
+    with pytest.raises(ValueError, match="not a turbotvm manifest"):
+        load(exported)
+    (exported / MANIFEST).write_text(json.dumps({"format": "something-else/9"}))
+    with pytest.raises(ValueError, match="expected format 'turbotvm-module/1'"):
+        load(exported)
+
+
+def test_library_that_is_not_a_shared_object_is_refused(exported):
+    manifest = json.loads((exported / MANIFEST).read_text())
+    (exported / "kernels.so").write_bytes(b"not an ELF file")
+    import hashlib
+
+    manifest["sha256"] = hashlib.sha256(b"not an ELF file").hexdigest()
+    (exported / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="TVM could not load it"):
+        load(exported)
+
+
+def test_other_tvm_version_is_refused(exported):
+    manifest = json.loads((exported / MANIFEST).read_text())
+    manifest["versions"]["tvm"] = "0.1.0"
+    (exported / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="built with TVM 0.1.0"):
+        load(exported)
+
+
+def test_missing_module_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="module_dir: expected"):
+        load(tmp_path / "nothing")

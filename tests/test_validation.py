@@ -1,0 +1,88 @@
+"""Bad input: a clear Python error naming the argument, raised before any kernel runs."""
+
+import numpy as np
+import pytest
+import torch
+
+from turbotvm.testing import random_qkv
+
+
+@pytest.fixture
+def qkv(rng):
+    return [torch.from_numpy(x) for x in random_qkv(rng, 1, 4, 2, 64, 64, 64)]
+
+
+def test_wrong_dtype(turbo_cpu, qkv):
+    q, k, v = qkv
+    with pytest.raises(TypeError, match=r"q: expected dtype in \('float32',\)"):
+        turbo_cpu.prefill(q.double(), k, v)
+    with pytest.raises(TypeError, match="k: expected dtype torch.float32"):
+        turbo_cpu.prefill(q, k.half(), v)
+
+
+def test_wrong_rank(turbo_cpu, qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="q: expected rank 4"):
+        turbo_cpu.prefill(q[0], k, v)
+
+
+def test_heads_not_a_multiple_of_kv_heads(turbo_cpu, rng):
+    q, k, v = (torch.from_numpy(x) for x in random_qkv(rng, 1, 5, 2, 16, 16, 64))
+    with pytest.raises(ValueError, match="k: expected a number of heads dividing q's 5"):
+        turbo_cpu.prefill(q, k, v)
+
+
+def test_unsupported_head_dim(turbo_cpu, rng):
+    q, k, v = (torch.from_numpy(x) for x in random_qkv(rng, 1, 2, 2, 16, 16, 96))
+    with pytest.raises(ValueError, match=r"q: head_dim 96 is not supported; expected one of \(64, 128\)"):
+        turbo_cpu.prefill(q, k, v)
+
+
+def test_non_contiguous(turbo_cpu, qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="k: expected a contiguous tensor"):
+        turbo_cpu.prefill(q, k.transpose(1, 2).contiguous().transpose(1, 2), v)
+
+
+def test_zero_length(turbo_cpu, qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="q: expected no zero-length dimension"):
+        turbo_cpu.prefill(q[:, :, :0], k, v)
+
+
+def test_device_mismatch(turbo_cpu, qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="q: expected a tensor on 'cpu'"):
+        turbo_cpu.prefill(q.to("meta"), k, v)
+
+
+def test_mismatched_kv_shapes_and_batch(turbo_cpu, qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="v: expected the shape of k"):
+        turbo_cpu.prefill(q, k, v[:, :, :10].contiguous())
+    with pytest.raises(ValueError, match="k: expected batch 1"):
+        turbo_cpu.prefill(q, torch.cat([k, k]), torch.cat([v, v]))
+
+
+def test_not_an_array(turbo_cpu, qkv):
+    _, k, v = qkv
+    with pytest.raises(TypeError, match="q: expected a torch.Tensor or numpy.ndarray, got list"):
+        turbo_cpu.prefill([[1.0]], k, v)
+
+
+def test_bad_scale(turbo_cpu, qkv):
+    with pytest.raises(ValueError, match="scale: expected a finite positive float"):
+        turbo_cpu.prefill(*qkv, scale=-1.0)
+
+
+def test_decode_bad_inputs(turbo_cpu, rng):
+    q, k, v = random_qkv(rng, 1, 4, 2, 3, 100, 64)
+    cache = turbo_cpu.compress_kv(k, v, [4, 2])
+    with pytest.raises(ValueError, match="q: expected one token per sequence"):
+        turbo_cpu.decode(q, cache)
+    with pytest.raises(ValueError, match="q: expected batch 1 and heads a multiple of 2"):
+        turbo_cpu.decode(np.zeros((2, 4, 1, 64), np.float32), cache)
+    with pytest.raises(ValueError, match="head_bits: expected 2 values"):
+        turbo_cpu.compress_kv(k, v, [4, 3])
+    with pytest.raises(ValueError, match="num_splits: expected a positive integer"):
+        turbo_cpu.decode(q[:, :, :1].copy(), cache, num_splits=0)
