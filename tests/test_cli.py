@@ -24,3 +24,12 @@ def test_bad_target_is_a_clear_error(tmp_path):
     result = run("build", "--target", "rocm", "--out", str(tmp_path / "m"))
     assert result.returncode == 2
     assert "target: expected kind 'llvm' or 'cuda'" in result.stdout
+
+
+def test_example_runs():
+    import pathlib
+
+    example = pathlib.Path(__file__).parent.parent / "examples" / "prefill_decode_cpu.py"
+    result = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "decode cos vs exact" in result.stdout
