@@ -37,7 +37,7 @@ def check_tensor(name: str, x: torch.Tensor, rank: int, device_type: str) -> Non
         raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous()), got strides {x.stride()}")
 
 
-def check_attention_inputs(q, k, v, config: KernelSetConfig, device_type: str, causal: bool = False):
+def check_attention_inputs(q, k, v, config: KernelSetConfig, device_type: str):
     """Checks q [B,H,N,D], k/v [B,H_kv,M,D]; returns (q, k, v, dtype name)."""
     q, k, v = as_tensor("q", q), as_tensor("k", k), as_tensor("v", v)
     for name, x in (("q", q), ("k", k), ("v", v)):
