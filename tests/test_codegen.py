@@ -21,9 +21,31 @@ def cuda_source(tmp_path_factory):
 
 def test_cuda_source_has_every_kernel(cuda_source):
     _, source = cuda_source
-    for name in ("prefill_causal_d128_float16", "prefill_full_d64_float16", "decode_split_b4_d128",
-                 "decode_split_b2_d64", "decode_merge_d128_float16", "compress_b2", "quantize_smoothed_float16"):
+    for name in ("prefill_tc_causal_d128_float16", "prefill_tc_full_d64_float16", "quantize_vt_float16_d128",
+                 "quantize_rows_smoothed_float16_d64", "decode_split_b4_d128", "decode_split_b2_d64",
+                 "decode_merge_d128_float16", "compress_b2", "quantize_smoothed_float16"):
         assert f"{name}_kernel" in source, name
+
+
+def test_cuda_prefill_runs_on_int8_tensor_cores(cuda_source):
+    _, source = cuda_source
+    for name, mmas in (("prefill_tc_causal_d128_float16", 64), ("prefill_tc_full_d64_float16", 32)):
+        start = source.index(f"{name}_kernel(", source.index(f"{name}_kernel(") + 1)  # after the declaration
+        body = source[start: source.index("\n}\n", start)]
+        # Q·Kᵀ and P·V, fully unrolled: (64/8 key tiles * D/32 + D/8 * 64/32) m16n8k32 per KV tile
+        assert body.count("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32") == mmas, name
+        assert "__shared__" in body and "warp_reduce_max_4" in body, name  # row max over 4 lanes
+
+
+def test_v8t_key_order_is_a_permutation_and_its_inverse():
+    from turbotvm.kernels.prefill_tc import key_position
+    from turbotvm.kernels.quantize_cuda import key_at
+
+    positions = [key_position(k) for k in range(64)]
+    assert sorted(positions) == list(range(64))
+    assert [key_at(p) for p in positions] == list(range(64))
+    # the accumulator's first four keys for lane t=1 ({2, 3, 10, 11}) fill the A operand's columns 4..7
+    assert [positions[k] for k in (2, 3, 10, 11)] == [4, 5, 6, 7]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

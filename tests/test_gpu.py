@@ -1,4 +1,4 @@
-"""CUDA build (baseline SIMT schedule) on a real GPU: same numbers as the reference. Runs on the device."""
+"""CUDA build on a real GPU (tensor-core prefill, SIMT decode): same numbers as the reference. Runs on the device."""
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def turbo_cuda():
-    return TurboAttention.build({"kind": "cuda", "arch": "sm_90"}, head_dims=(64, 128), dtypes=("float32", "float16"))
+    return TurboAttention.build({"kind": "cuda", "arch": "sm_90"}, head_dims=(64, 128), dtypes=("float32", "float16", "bfloat16"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -26,6 +26,35 @@ def test_prefill_cuda_matches_reference(turbo_cuda, rng, dtype, causal):
     min_ref = 0.9999 if dtype == "float32" else 0.999  # fp16 output rounding
     assert cosine(out, ref.turbo_prefill(q, k, v, causal)) >= min_ref
     assert cosine(out, ref.exact_attention(q, k, v, causal)) >= 0.995
+
+
+@pytest.mark.parametrize("shape,causal,dtype", [
+    ((2, 8, 8, 64, 64, 64), False, "bfloat16"),     # one tile, MHA, D=64
+    ((1, 4, 1, 1, 200, 64), True, "float16"),       # one query row (decode-like) over 200 keys
+    ((1, 4, 2, 100, 333, 128), True, "float16"),    # N < M: bottom-right causal
+    ((1, 4, 2, 130, 70, 64), True, "float16"),      # N > M: the first 60 rows see nothing -> 0
+    ((1, 8, 8, 2048, 2048, 128), True, "float16"),  # long causal
+    ((2, 6, 3, 517, 1029, 128), False, "bfloat16"), # odd lengths, GQA 2
+])
+def test_prefill_tensor_cores_shapes(turbo_cuda, rng, shape, causal, dtype):
+    b, h, hkv, n, m, d = shape
+    q = rng.standard_normal((b, h, n, d))
+    k, v = rng.standard_normal((b, hkv, m, d)), rng.standard_normal((b, hkv, m, d))
+    torch_dtype = getattr(torch, dtype)
+    out = turbo_cuda.prefill(*(torch.from_numpy(x).to("cuda", torch_dtype) for x in (q, k, v)), causal=causal)
+    out = out.float().cpu().numpy()
+    # the reference sees the same inputs rounded to the kernel's input dtype
+    q, k, v = (torch.from_numpy(x).to(torch_dtype).double().numpy() for x in (q, k, v))
+    expected = ref.turbo_prefill(q, k, v, causal)
+    assert cosine(out, expected) >= 0.999
+    assert cosine(out, ref.exact_attention(q, k, v, causal)) >= 0.998
+    if n > m and causal:
+        np.testing.assert_array_equal(out[:, :, : n - m], 0)
+
+
+def test_prefill_tensor_core_source(turbo_cuda):
+    source = turbo_cuda.kernels.cuda_source()
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in source
 
 
 def test_decode_cuda_matches_reference(turbo_cuda, rng):

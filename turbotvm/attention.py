@@ -11,10 +11,11 @@ import torch
 
 from . import kernel_set as names
 from .algorithm import CACHE_BITS, QUANT_BLOCK
-from .codegen import CompiledKernels, build, load
+from .codegen import CompiledKernels, build, load, load_or_build
 from .compressed_kv import CompressedKV, PackedGroup
 from .kernel_set import KernelSetConfig
 from .kernels.sas import NEG_BIG
+from .torch_stream import on_torch_stream
 from .validation import as_tensor, check_attention_inputs, check_head_dim, check_scale, check_tensor, dtype_name
 
 DEFAULT_DECODE_SPLITS = 4
@@ -35,6 +36,12 @@ class TurboAttention:
     def load(cls, module_dir) -> TurboAttention:
         return cls(load(module_dir))
 
+    @classmethod
+    def cached(cls, target="llvm", head_dims=(64, 128), dtypes=("float32",), cache_dir=None,
+               progress=False) -> TurboAttention:
+        """Load from the module cache (default ``$TURBOTVM_CACHE_DIR`` or ~/.cache/turbotvm); build on a miss."""
+        return cls(load_or_build(target, KernelSetConfig(tuple(head_dims), tuple(dtypes)), cache_dir, progress))
+
     @property
     def config(self) -> KernelSetConfig:
         return self.kernels.config
@@ -44,6 +51,7 @@ class TurboAttention:
     def _empty(self, like, shape, dtype):
         return torch.empty(shape, dtype=dtype, device=like.device)
 
+    @on_torch_stream
     def quantize(self, x: torch.Tensor, dtype: str, mean: torch.Tensor | None = None):
         """INT8 codes and per-64-token scales of x [B, H, N, D]."""
         b, h, n, d = x.shape
@@ -55,6 +63,7 @@ class TurboAttention:
             self.kernels[names.quantize_name(dtype, True)](x, mean, codes, scale)
         return codes, scale
 
+    @on_torch_stream
     def smoothing_mean(self, k: torch.Tensor, dtype: str) -> torch.Tensor:
         mean = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
         self.kernels[names.channel_mean_name(dtype)](k, mean)
@@ -62,6 +71,7 @@ class TurboAttention:
 
     # ------------------------------------------------------------------ prefill
 
+    @on_torch_stream
     def prefill(self, q, k, v, causal: bool = False, scale: float | None = None):
         """Attention of q [B,H,N,D] over k, v [B,H_kv,M,D]; returns q's type, dtype and shape.
 
@@ -71,6 +81,9 @@ class TurboAttention:
         was_numpy = isinstance(q, np.ndarray)
         q, k, v, dtype = check_attention_inputs(q, k, v, self.config, self.device_type)
         scale = check_scale(scale, q.shape[3])
+        if self.device_type == "cuda":
+            out = self._prefill_tensor_cores(q, k, v, bool(causal), scale, dtype)
+            return out
         q8, q_scale = self.quantize(q, dtype)
         k8, k_scale = self.quantize(k, dtype, self.smoothing_mean(k, dtype))
         v8, v_scale = self.quantize(v, dtype)
@@ -79,8 +92,26 @@ class TurboAttention:
         kernel(q8, q_scale, k8, k_scale, v8, v_scale, out, scale)
         return out.numpy() if was_numpy else out
 
+    def _prefill_tensor_cores(self, q, k, v, causal, scale, dtype):
+        """CUDA: quantize into the layouts of the INT8 tensor-core kernel (V transposed, see prefill_tc)."""
+        b, h, n, d = q.shape
+        hkv, m = k.shape[1], k.shape[2]
+        nqb, nkb = -(-n // QUANT_BLOCK), -(-m // QUANT_BLOCK)
+        q8, q_scale = self._empty(q, (b, h, n, d), torch.int8), self._empty(q, (b, h, nqb), torch.float32)
+        k8, k_scale = self._empty(k, (b, hkv, m, d), torch.int8), self._empty(k, (b, hkv, nkb), torch.float32)
+        v8t, v_scale = self._empty(v, (b, hkv, d, nkb * QUANT_BLOCK), torch.int8), self._empty(v, (b, hkv, nkb), torch.float32)
+        # the K smoothing offset is a plain per-channel mean: torch's reduction runs at bandwidth
+        k_mean = k.mean(dim=2, dtype=torch.float32)
+        self.kernels[names.quantize_rows_name(dtype, d, False)](q, q8, q_scale)
+        self.kernels[names.quantize_rows_name(dtype, d, True)](k, k_mean, k8, k_scale)
+        self.kernels[names.quantize_vt_name(dtype, d)](v, v8t, v_scale)
+        out = torch.empty_like(q)
+        self.kernels[names.prefill_tc_name(d, causal, dtype)](q8, q_scale, k8, k_scale, v8t, v_scale, out, scale)
+        return out
+
     # ------------------------------------------------------------------ KV cache
 
+    @on_torch_stream
     def compress_kv(self, k, v, head_bits) -> CompressedKV:
         """Quantize K (smoothed) and V to INT8 and compress each full 64-token block to its head's bits."""
         k, v = as_tensor("k", k), as_tensor("v", v)
@@ -103,16 +134,23 @@ class TurboAttention:
         if nblocks:
             k8_full, v8_full = k8[:, :, :compressed_len].contiguous(), v8[:, :, :compressed_len].contiguous()
             ks_full, vs_full = k_scale[:, :, :nblocks].contiguous(), v_scale[:, :, :nblocks].contiguous()
-            for bits in CACHE_BITS:
-                heads = [h for h, hb in enumerate(head_bits) if hb == bits]
-                if heads:
-                    cache.groups.append(self._compress_group(bits, heads, k8_full, ks_full, v8_full, vs_full))
+            cache.groups = self.compress_blocks(k8_full, ks_full, v8_full, vs_full, head_bits)
         if compressed_len < length:
             cache.buffer_k = k8[:, :, compressed_len:].contiguous()
             cache.buffer_v = v8[:, :, compressed_len:].contiguous()
             cache.buffer_k_scale = k_scale[:, :, nblocks:].contiguous()
             cache.buffer_v_scale = v_scale[:, :, nblocks:].contiguous()
         return cache
+
+    @on_torch_stream
+    def compress_blocks(self, k8, k_scale, v8, v_scale, head_bits) -> list[PackedGroup]:
+        """INT8 K/V of whole 64-token blocks ([B, H_kv, 64*n, D] + scales [B, H_kv, n]) -> one PackedGroup per bit width."""
+        groups = []
+        for bits in CACHE_BITS:
+            heads = [h for h, hb in enumerate(head_bits) if hb == bits]
+            if heads:
+                groups.append(self._compress_group(bits, heads, k8, k_scale, v8, v_scale))
+        return groups
 
     def _compress_group(self, bits, heads, k8, k_scale, v8, v_scale) -> PackedGroup:
         b, _, length, d = k8.shape
@@ -130,6 +168,7 @@ class TurboAttention:
 
     # ------------------------------------------------------------------ decode
 
+    @on_torch_stream
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
         """Attention of one query token q [B,H,1,D] over the whole compressed cache."""
         was_numpy = isinstance(q, np.ndarray)
@@ -158,7 +197,7 @@ class TurboAttention:
         l_part = torch.zeros((b, h, slots), dtype=torch.float32, device=q.device)
         for group in cache.groups:
             self.kernels[names.decode_split_name(d, group.bits)](
-                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, num_splits, 0)
+                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, num_splits, 0, cache.compressed_len)
         if cache.buffer_k is not None:
             heads = torch.arange(cache.num_kv_heads, dtype=torch.int32, device=q.device)
             unused_step = torch.zeros((b, cache.num_kv_heads, 1, d), dtype=torch.uint8, device=q.device)
@@ -166,7 +205,7 @@ class TurboAttention:
             self.kernels[names.decode_split_name(d, 8)](
                 q8, q_scale, heads, cache.buffer_k, unused_step, unused_zero, cache.buffer_k_scale,
                 cache.buffer_v, unused_step, unused_zero, cache.buffer_v_scale,
-                o_part, m_part, l_part, scale, group_size, 1, num_splits)
+                o_part, m_part, l_part, scale, group_size, 1, num_splits, cache.length - cache.compressed_len)
         out = torch.empty_like(q)
         self.kernels[names.decode_merge_name(d, dtype)](o_part, m_part, l_part, out)
         return out.numpy() if was_numpy else out

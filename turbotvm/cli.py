@@ -1,9 +1,10 @@
-"""`turbotvm` command line: info, build, emit-cuda, demo."""
+"""`turbotvm` command line: info, build, emit-cuda, demo, cache."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -73,6 +74,28 @@ def cmd_emit_cuda(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from .codegen.module_cache import cache_entries, clear_cache, default_cache_dir
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.action == "clear":
+        removed, freed = clear_cache(cache_dir)
+        console.print(f"removed {removed} entries ({freed / 2**20:.1f} MiB) from {cache_dir}")
+        return 0
+    entries = cache_entries(cache_dir)
+    table = Table(title=f"module cache {cache_dir}")
+    for column in ("entry (kind-arch-dims-dtypes-hash)", "built", "TVM", "MiB"):
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        key = entry["key"] if isinstance(entry["key"], dict) else {}
+        built = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["path"].stat().st_mtime))
+        table.add_row(entry["path"].name, built, str(key.get("versions", {}).get("tvm", "?")),
+                      f"{entry['size'] / 2**20:.1f}")
+    console.print(table)
+    console.print(f"{len(entries)} entries, {sum(e['size'] for e in entries) / 2**20:.1f} MiB")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -104,6 +127,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="turbotvm-demo", help="directory for the exported module and CUDA source")
     p.add_argument("--quick", action="store_true", help="smaller shapes")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("cache", help="list or clear the module cache (TurboAttention.cached, load_or_build)")
+    p.add_argument("action", choices=("info", "clear"))
+    p.add_argument("--cache-dir", default=None, help="default: $TURBOTVM_CACHE_DIR or ~/.cache/turbotvm")
+    p.set_defaults(func=cmd_cache)
 
     args = parser.parse_args(argv)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .algorithm import CACHE_BITS, SUPPORTED_HEAD_DIMS
-from .kernels import decode, kv_compress, prefill, quantize
+from .kernels import decode, kv_compress, prefill, prefill_tc, quantize, quantize_cuda
 
 #: Activation dtypes the kernels take and return.
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -61,6 +61,22 @@ def prefill_name(head_dim: int, causal: bool, dtype: str) -> str:
     return f"prefill_{'causal' if causal else 'full'}_d{head_dim}_{dtype}"
 
 
+def prefill_tc_name(head_dim: int, causal: bool, dtype: str) -> str:
+    return f"prefill_tc_{'causal' if causal else 'full'}_d{head_dim}_{dtype}"
+
+
+def quantize_rows_name(dtype: str, head_dim: int, smoothed: bool) -> str:
+    return f"quantize_rows_{'smoothed_' if smoothed else ''}{dtype}_d{head_dim}"
+
+
+def quantize_vt_name(dtype: str, head_dim: int) -> str:
+    return f"quantize_vt_{dtype}_d{head_dim}"
+
+
+#: Function attribute of kernels written already mapped to threads (no schedule rule applies).
+HAND_MAPPED = "turbotvm.hand_mapped"
+
+
 def decode_split_name(head_dim: int, bits: int) -> str:
     return f"decode_split_b{bits}_d{head_dim}"
 
@@ -77,8 +93,9 @@ class KernelSet:
     funcs: dict = field(default_factory=dict)
 
 
-def make_kernel_set(config: KernelSetConfig) -> KernelSet:
-    funcs = {}
+def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> KernelSet:
+    """All kernels for a target kind: CUDA prefill runs on the INT8 tensor-core kernels."""
+    funcs, hand_mapped = {}, {}
     for dtype in config.dtypes:
         funcs[quantize_name(dtype, False)] = quantize.quantize_int8(dtype, smoothed=False)
         funcs[quantize_name(dtype, True)] = quantize.quantize_int8(dtype, smoothed=True)
@@ -88,9 +105,21 @@ def make_kernel_set(config: KernelSetConfig) -> KernelSet:
         funcs[decompress_name(bits)] = kv_compress.decompress(bits)
     for d in config.head_dims:
         for dtype in config.dtypes:
-            for causal in (False, True):
-                funcs[prefill_name(d, causal, dtype)] = prefill.prefill(d, causal, dtype)
+            if target_kind == "cuda":
+                for causal in (False, True):
+                    hand_mapped[prefill_tc_name(d, causal, dtype)] = prefill_tc.prefill_tc(d, causal, dtype)
+                for smoothed in (False, True):
+                    hand_mapped[quantize_rows_name(dtype, d, smoothed)] = quantize_cuda.quantize_rows(
+                        dtype, d, smoothed, transposed=False)
+                hand_mapped[quantize_vt_name(dtype, d)] = quantize_cuda.quantize_rows(
+                    dtype, d, smoothed=False, transposed=True)
+            else:
+                for causal in (False, True):
+                    funcs[prefill_name(d, causal, dtype)] = prefill.prefill(d, causal, dtype)
             funcs[decode_merge_name(d, dtype)] = decode.decode_merge(d, dtype)
         for bits in CACHE_BITS + (8,):
             funcs[decode_split_name(d, bits)] = decode.decode_split(d, bits)
-    return KernelSet(config, {name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}
+    funcs.update({name: f.with_attr("global_symbol", name).with_attr(HAND_MAPPED, True)
+                  for name, f in hand_mapped.items()})
+    return KernelSet(config, funcs)

@@ -204,9 +204,13 @@ class ReferenceCache:
     compressed_len: int  # tokens in the INT4/INT2 prefix (multiple of 64); the rest is the INT8 buffer
 
 
-def build_cache(k, v, head_bits):
-    """Quantize K (smoothed), V to INT8, compress every full 64-token block per its head's bits."""
-    k8, ks = quantize_int8(k, smoothing_mean(k))
+def build_cache(k, v, head_bits, k_mean=None):
+    """Quantize K (smoothed), V to INT8, compress every full 64-token block per its head's bits.
+
+    ``k_mean`` [B, Hkv, D] is the K smoothing offset; default: the mean over all tokens (a cache
+    compressed in one go). A cache grown by appends fixes it from its first append instead.
+    """
+    k8, ks = quantize_int8(k, smoothing_mean(k) if k_mean is None else k_mean)
     v8, vs = quantize_int8(v)
     length = k8.shape[2]
     compressed_len = (length // QUANT_BLOCK) * QUANT_BLOCK

@@ -66,7 +66,7 @@ def schedule_module(funcs: dict, target, progress: bool = False) -> tvm.IRModule
 def build(target="llvm", config: KernelSetConfig | None = None, progress: bool = False) -> CompiledKernels:
     target = make_target(target)
     config = config or KernelSetConfig()
-    kernel_set = make_kernel_set(config)
+    kernel_set = make_kernel_set(config, target.kind.name)
     mod = schedule_module(kernel_set.funcs, target, progress)
     if progress:
         tqdm.write(f"compiling {len(kernel_set.funcs)} kernels for {target.kind.name} ...")

@@ -2,7 +2,8 @@
 
 ``decode_split(D, bits)`` covers one group of KV heads stored at ``bits`` (2 or 4: packed codes
 expanded to INT8 on the fly; 8: the INT8 buffer of recent tokens, whose step/zero arguments
-are unused placeholders of shape [B, HG, 1, D]). Tile = (batch, KV head of
+are unused placeholders of shape [B, HG, 1, D]). The code tensors may hold more rows than
+``length`` (a cache's spare capacity); only the first ``length`` tokens are read. Tile = (batch, KV head of
 the group, query head of its GQA group, split); it writes an unnormalised partial state
 (acc, m, l) into slot ``slot_offset + split``. ``decode_merge(D)`` combines the slots with SAS
 weights (docs/algorithm.md §5). Same tile math as prefill, with one query row.
@@ -33,7 +34,8 @@ def decode_split(head_dim: int, bits: int):
                           k_codes_h: T.handle, k_step_h: T.handle, k_zero_h: T.handle, k_scale_h: T.handle,
                           v_codes_h: T.handle, v_step_h: T.handle, v_zero_h: T.handle, v_scale_h: T.handle,
                           o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle,
-                          sm_scale: T.float32, group_size: T.int64, num_splits: T.int64, slot_offset: T.int64):
+                          sm_scale: T.float32, group_size: T.int64, num_splits: T.int64, slot_offset: T.int64,
+                          length: T.int64):
         B, H, HG, L, NB, NP, S = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (B, H, 1, D), "int8")
         q_scale = T.match_buffer(q_scale_h, (B, H, 1), "float32")
@@ -67,8 +69,8 @@ def decode_split(head_dim: int, bits: int):
                 state = T.sblock_alloc_buffer((5,), "float32")  # m, l, tile_max, corr, p_scale
                 p_sum = T.sblock_alloc_buffer((1,), "int32")
                 hq = T.Cast("int64", heads[vg]) * group_size + vr
-                per_split = T.ceildiv(T.ceildiv(L, BK), num_splits)
-                first = T.min(vs * per_split, T.ceildiv(L, BK))
+                per_split = T.ceildiv(T.ceildiv(length, BK), num_splits)
+                first = T.min(vs * per_split, T.ceildiv(length, BK))
                 with T.sblock("init_state"):
                     state[0] = T.float32(NEG_BIG)
                     state[1] = T.float32(0)
@@ -76,19 +78,19 @@ def decode_split(head_dim: int, bits: int):
                     with T.sblock("init_acc"):
                         vd = T.axis.remap("S", [d])
                         acc[vd] = T.float32(0)
-                for kt in T.serial(T.min(first + per_split, T.ceildiv(L, BK)) - first):
+                for kt in T.serial(T.min(first + per_split, T.ceildiv(length, BK)) - first):
                     for j, d in T.grid(BK, D):
                         with T.sblock("k_expand"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                             vj, vd = T.axis.remap("SS", [j, d])
-                            T.where((first + kt) * BK + j < L)
+                            T.where((first + kt) * BK + j < length)
                             k_tile[vj, vd] = T.Cast("int8", _load_int8(
                                 k_codes, k_step, k_zero, vb, vg, (first + vkt) * BK + vj, vd, bits))
                     for j, d in T.grid(BK, D):
                         with T.sblock("qk"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                             vj, vd = T.axis.remap("SR", [j, d])
-                            T.where((first + kt) * BK + j < L)
+                            T.where((first + kt) * BK + j < length)
                             with T.init():
                                 s_int[vj] = 0
                             s_int[vj] = s_int[vj] + T.Cast("int32", q[vb, hq, 0, vd]) * T.Cast("int32", k_tile[vj, vd])
@@ -97,7 +99,7 @@ def decode_split(head_dim: int, bits: int):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                             vj = T.axis.remap("S", [j])
                             score[vj] = T.if_then_else(
-                                (first + vkt) * BK + vj < L,
+                                (first + vkt) * BK + vj < length,
                                 T.Cast("float32", s_int[vj]) * q_scale[vb, hq, 0] * k_scale[vb, vg, first + vkt] * sm_scale,
                                 T.float32(NEG_BIG))
                     for j in range(BK):
@@ -131,14 +133,14 @@ def decode_split(head_dim: int, bits: int):
                         with T.sblock("v_expand"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                             vj, vd = T.axis.remap("SS", [j, d])
-                            T.where((first + kt) * BK + j < L)
+                            T.where((first + kt) * BK + j < length)
                             v_tile[vj, vd] = T.Cast("int8", _load_int8(
                                 v_codes, v_step, v_zero, vb, vg, (first + vkt) * BK + vj, vd, bits))
                     for d, j in T.grid(D, BK):
                         with T.sblock("pv"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                             vd, vj = T.axis.remap("SR", [d, j])
-                            T.where((first + kt) * BK + j < L)
+                            T.where((first + kt) * BK + j < length)
                             with T.init():
                                 pv_int[vd] = 0
                             pv_int[vd] = pv_int[vd] + T.Cast("int32", p_code[vj]) * T.Cast("int32", v_tile[vj, vd])

@@ -6,6 +6,7 @@ the math of the unscheduled kernel unchanged, so its CUDA source is what CI comp
 
 from tvm.s_tir import Schedule
 
+from ..kernel_set import HAND_MAPPED
 from .common import inner_blocks, leading_spatial_loops, top_level_blocks
 
 THREADS_PER_BLOCK = 64
@@ -13,6 +14,8 @@ THREADS_PER_BLOCK = 64
 
 def schedule_cuda(sch: Schedule, func_name: str, target) -> None:
     del target
+    if sch.mod[func_name].attrs.get(HAND_MAPPED):
+        return  # the kernel is its own mapping (tensor-core kernels)
     sch.work_on(func_name)
     for block in top_level_blocks(sch):
         loops = leading_spatial_loops(sch, block)

@@ -1,0 +1,143 @@
+"""torch ops and TurboKVCache on a real GPU: reference numbers, torch's current stream, torch.compile. Runs on the device."""
+
+import numpy as np
+import pytest
+import torch
+import tvm_ffi
+
+from turbotvm import TurboKVCache, runtime_for, turbo_attention, turbo_decode
+from turbotvm import reference as ref
+from turbotvm.runtimes import default_target
+from turbotvm.testing import cosine, random_qkv, realistic_qkv
+from turbotvm.torch_stream import torch_stream
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_runtime():
+    """The runtime the ops create on demand: this GPU's sm_XY, all dtypes, through the module cache."""
+    return runtime_for("cuda")
+
+
+def on_cuda(arrays, dtype=torch.float32):
+    return [torch.from_numpy(a).to("cuda", dtype) for a in arrays]
+
+
+def f64(x: torch.Tensor) -> np.ndarray:
+    return x.double().cpu().numpy()
+
+
+def busy(stream: torch.cuda.Stream) -> torch.Tensor:
+    """Queue ~10 ms of matmul on ``stream``; a value that is 0 only once it has finished."""
+    with torch.cuda.stream(stream):
+        a = torch.randn(8192, 8192, device="cuda")
+        return (a @ a)[0, 0] * 0
+
+
+def test_default_target_is_this_gpu():
+    major, minor = torch.cuda.get_device_capability()
+    assert default_target("cuda") == {"kind": "cuda", "arch": f"sm_{major}{minor}"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_op_cuda_matches_reference(cuda_runtime, rng, dtype, causal):
+    q, k, v = on_cuda(realistic_qkv(rng, 2, 8, 2, 333, 333, 128), dtype)
+    out = turbo_attention(q, k, v, causal=causal)
+    torch.cuda.synchronize()
+    assert out.device == q.device and out.dtype == dtype and out.shape == q.shape
+    expected = ref.turbo_prefill(f64(q), f64(k), f64(v), causal)  # the same rounded inputs, in float64
+    assert cosine(f64(out), expected) >= (0.9999 if dtype == torch.float32 else 0.999)
+
+
+def test_torch_stream_sets_the_tvm_stream():
+    s = torch.cuda.Stream()
+    device = tvm_ffi.device("cuda", torch.cuda.current_device())
+    before = tvm_ffi.get_raw_stream(device)
+    with torch.cuda.stream(s), torch_stream(torch.device("cuda")):
+        assert tvm_ffi.get_raw_stream(device) == s.cuda_stream
+    assert tvm_ffi.get_raw_stream(device) == before
+
+
+def test_op_on_a_side_stream(cuda_runtime, rng):
+    """Inputs made and outputs read on a busy side stream: kernels on any other stream would race.
+
+    Each round uses a different q, so memory the allocator hands out again never holds the right values.
+    """
+    q, k, v = on_cuda(random_qkv(rng, 1, 8, 2, 1024, 1024, 128), torch.float16)
+    queries = [q * (i + 1) for i in range(3)]
+    expected = [turbo_attention(qi, k, v, causal=True).float() for qi in queries]
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    for qi, expected_i in zip(queries, expected):
+        zero = busy(s)
+        with torch.cuda.stream(s):
+            q_late = qi + zero  # written only after the matmul
+            out = turbo_attention(q_late, k, v, causal=True)
+            total = out.float().sum()  # read on s right after the kernels
+        s.synchronize()
+        torch.testing.assert_close(out.float(), expected_i, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(total, expected_i.sum(), rtol=1e-3, atol=1e-1)
+
+
+def test_cache_cuda_matches_reference(cuda_runtime, rng):
+    cache = TurboKVCache(head_bits=[4, 2, 4, 4])
+    ks, vs = [], []
+
+    def append(tokens, stream=None):
+        _, k, v = random_qkv(rng, 2, 4, 4, 1, tokens, 128)
+        ks.append(k)
+        vs.append(v)
+        k, v = on_cuda((k, v))
+        if stream is None:
+            cache.append(k, v)
+        else:  # appended on a busy side stream, read on it
+            stream.wait_stream(torch.cuda.current_stream())  # k, v were copied on the default stream
+            zero = busy(stream)
+            with torch.cuda.stream(stream):
+                cache.append(k + zero, v + zero)
+
+    def check():
+        q = rng.standard_normal((2, 8, 1, 128)).astype(np.float32)
+        out = turbo_decode(torch.from_numpy(q).cuda(), cache).cpu().numpy()
+        k_mean = ref.smoothing_mean(ks[0])
+        expected = ref.turbo_decode(q, ref.build_cache(np.concatenate(ks, 2), np.concatenate(vs, 2), cache.head_bits, k_mean))
+        assert cosine(out, expected) >= 0.9999
+
+    append(100)
+    check()
+    s = torch.cuda.Stream()
+    for _ in range(30):  # across the 128 boundary
+        append(1, s)
+    s.synchronize()
+    check()
+    append(70)
+    check()
+    assert (cache.length, cache.compressed_len) == (200, 192)
+    assert cache.k_mean.is_cuda and all(t.is_cuda for g in cache.groups for t in g.tensors())
+
+
+def test_torch_compile_cuda(cuda_runtime, rng):
+    q, k, v = on_cuda(random_qkv(rng, 1, 8, 2, 256, 256, 64), torch.float16)
+    cache = TurboKVCache(head_bits=[4, 4])
+    cache.append(k, v)
+
+    def step(q, q_new):
+        return turbo_attention(q, k, v, causal=True) * 2, turbo_decode(q_new, cache) * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    q_new = q[:, :, -1:].contiguous()
+    for got, expected in zip(compiled(q, q_new), step(q, q_new)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert cosine(f64(compiled(q, q_new)[0]) / 2, ref.turbo_prefill(f64(q), f64(k), f64(v), True)) >= 0.999
+
+
+def test_cpu_cuda_mix_refused(cuda_runtime, rng):
+    q, k, v = on_cuda(random_qkv(rng, 1, 2, 2, 8, 8, 64))
+    with pytest.raises(ValueError, match=r"k: expected a tensor on cuda:0 \(same as q\), got cpu"):
+        turbo_attention(q, k.cpu(), v)
+    cache = TurboKVCache(head_bits=[4, 4])
+    cache.append(k, v)
+    with pytest.raises(ValueError, match=r"k_mean: expected a tensor on cpu \(same as q\), got cuda:0"):
+        turbo_decode(q[:, :, :1].cpu().contiguous(), cache)

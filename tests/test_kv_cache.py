@@ -1,0 +1,189 @@
+"""TurboKVCache on the CPU: appends of any size, block boundaries, growth, bytes, decode vs the float64 reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from turbotvm import TurboKVCache, select_head_bits, turbo_decode
+from turbotvm import reference as ref
+from turbotvm.testing import cosine, random_qkv, realistic_qkv
+
+SAME_ALGORITHM = 0.9999
+
+
+class Appender:
+    """Appends chunks to a TurboKVCache and keeps the concatenated K/V, for the reference."""
+
+    def __init__(self, cache, rng, batch, kv_heads, head_dim, dtype=torch.float32, realistic=False):
+        self.cache, self.rng, self.dtype, self.realistic = cache, rng, dtype, realistic
+        self.shape = (batch, kv_heads, head_dim)
+        self.k, self.v = [], []
+
+    def append(self, tokens):
+        b, h, d = self.shape
+        make = realistic_qkv if self.realistic else random_qkv
+        _, k, v = make(self.rng, b, h, h, 1, tokens, d)
+        k, v = torch.from_numpy(k).to(self.dtype), torch.from_numpy(v).to(self.dtype)
+        self.cache.append(k, v)
+        self.k.append(k)
+        self.v.append(v)
+
+    def expected(self, q: torch.Tensor):
+        k_all, v_all = (torch.cat(x, 2).double().numpy() for x in (self.k, self.v))
+        k_mean = ref.smoothing_mean(self.k[0].double().numpy())  # fixed by the first append
+        return ref.turbo_decode(q.double().numpy(), ref.build_cache(k_all, v_all, self.cache.head_bits, k_mean=k_mean))
+
+
+def check_decode(appender, rng, heads, runtime=None):
+    b, _, d = appender.shape
+    q = torch.from_numpy(rng.standard_normal((b, heads, 1, d))).to(appender.dtype)
+    out = turbo_decode(q, appender.cache)
+    expected = appender.expected(q)
+    print(f"length={appender.cache.length} vs reference cos={cosine(out.double(), expected):.8f}")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert cosine(out.double(), expected) >= SAME_ALGORITHM
+    if runtime is not None:  # the op and TurboAttention.decode read the cache alike
+        assert torch.equal(out, runtime.decode(q, appender.cache))
+    return out
+
+
+@pytest.mark.parametrize("head_dim, head_bits", [(128, [4, 2]), (64, [2, 4])])
+def test_prompt_steps_and_chunk_match_reference(cpu_ops_runtime, rng, head_dim, head_bits):
+    cache = TurboKVCache(head_bits=head_bits)
+    kv = Appender(cache, rng, 2, 2, head_dim)
+    kv.append(100)  # prompt: one block compressed, 36 tokens in the INT8 buffer
+    assert (cache.length, cache.compressed_len, cache.buffer_k.shape[2]) == (100, 64, 36)
+    check_decode(kv, rng, 8, cpu_ops_runtime)
+    for _ in range(30):  # one token at a time, across the 128 boundary
+        kv.append(1)
+        if cache.length in (127, 128, 129):
+            check_decode(kv, rng, 8, cpu_ops_runtime)
+    assert (cache.length, cache.compressed_len, cache.buffer_k.shape[2]) == (130, 128, 2)
+    kv.append(70)  # a chunk that closes one block and opens the next
+    assert (cache.length, cache.compressed_len, cache.buffer_k.shape[2]) == (200, 192, 8)
+    check_decode(kv, rng, 8, cpu_ops_runtime)
+
+
+def test_block_boundaries(cpu_ops_runtime, rng):
+    cache = TurboKVCache(head_bits=[4, 4, 2, 4])
+    kv = Appender(cache, rng, 1, 4, 64)
+    kv.append(63)  # buffer only
+    assert cache.compressed_len == 0 and cache.groups == [] and cache.buffer_k.shape[2] == 63
+    check_decode(kv, rng, 4)
+    kv.append(1)  # fills the block: compressed, nothing left in the buffer
+    assert (cache.length, cache.compressed_len, cache.buffer_k) == (64, 64, None)
+    check_decode(kv, rng, 4)
+    kv.append(64)  # a whole block on a boundary
+    assert (cache.length, cache.compressed_len, cache.buffer_k) == (128, 128, None)
+    kv.append(10)
+    kv.append(200)  # three blocks closed by one append
+    assert (cache.length, cache.compressed_len, cache.buffer_k.shape[2]) == (338, 320, 18)
+    check_decode(kv, rng, 8, cpu_ops_runtime)
+
+
+def test_storage_grows_by_doubling(cpu_ops_runtime, rng):
+    cache = TurboKVCache(head_bits=[4, 2])
+    kv = Appender(cache, rng, 1, 2, 64)
+    capacities = []
+    for tokens in (192, 64, 128, 64, 1, 700):
+        kv.append(tokens)
+        capacities.append(cache.capacity)
+    assert capacities == [192, 384, 384, 768, 768, 1536]
+    for group in cache.groups:  # dim 2: the token axis (codes) or the 64-token block axis
+        assert [t.shape[2] for t in group.tensors()] == [1536, 24, 24, 24] * 2
+    assert cache.nbytes() < cache.nbytes(capacity=True)
+    check_decode(kv, rng, 4, cpu_ops_runtime)  # blocks stored before each growth survive it
+
+
+def test_reserved_capacity(cpu_ops_runtime, rng):
+    cache = TurboKVCache(head_bits=[4, 4], reserve_tokens=1000)  # rounded up to whole blocks
+    kv = Appender(cache, rng, 1, 2, 64)
+    for tokens in (300, 64, 600):
+        kv.append(tokens)
+        assert cache.capacity == 1024
+    kv.append(200)  # past the reservation: doubling
+    assert cache.capacity == 2048
+    check_decode(kv, rng, 2)
+
+
+def test_bytes_4bit_d128(cpu_ops_runtime, rng):
+    b, hkv, d = 1, 4, 128
+    cache = TurboKVCache(head_bits=[4] * hkv)
+    kv = Appender(cache, rng, b, hkv, d, dtype=torch.bfloat16)
+    kv.append(4000)
+    kv.append(96)
+    for _ in range(63):  # the largest open block: 63 tokens kept in bf16 and in INT8
+        kv.append(1)
+    length, closed, open_ = 4159, 4096, 63
+    assert (cache.length, cache.compressed_len) == (length, closed)
+    per_head = (2 * closed * d // 2  # K and V codes, 4 bits
+                + 2 * (closed // 64) * d * 2  # step (uint8) and zero (int8) per block and channel
+                + 2 * (closed // 64) * 4  # INT8 block scales
+                + 2 * open_ * d * (2 + 1)  # the open block in bf16 and INT8
+                + 2 * 4  # its INT8 scales
+                + d * 4)  # K smoothing mean (float32)
+    assert cache.nbytes() == b * hkv * per_head + 4 * hkv  # + the group's head ids (int32)
+    assert cache.fp16_nbytes() == 2 * 2 * b * hkv * length * d
+    ratio = cache.nbytes() / cache.fp16_nbytes()
+    print(f"bytes / fp16 bytes = {ratio:.4f} (with capacity {cache.nbytes(capacity=True) / cache.fp16_nbytes():.4f})")
+    assert ratio <= 0.3
+
+
+def test_single_append_equals_compress_kv(cpu_ops_runtime, rng):
+    q, k, v = (torch.from_numpy(x) for x in random_qkv(rng, 2, 8, 4, 1, 333, 128))
+    cache = TurboKVCache(head_bits=[4, 2, 2, 4])
+    cache.append(k, v)
+    assert torch.equal(turbo_decode(q, cache), cpu_ops_runtime.decode(q, cpu_ops_runtime.compress_kv(k, v, [4, 2, 2, 4])))
+
+
+def test_head_bits_and_mean_fixed_by_first_append(cpu_ops_runtime, rng):
+    cache = TurboKVCache(share_2bit=0.25)
+    kv = Appender(cache, rng, 1, 4, 128, realistic=True)
+    kv.append(300)
+    assert cache.head_bits == tuple(int(b) for b in select_head_bits(kv.k[0], kv.v[0], 0.25))
+    assert sorted(cache.head_bits) == [2, 4, 4, 4]
+    k_mean = cache.k_mean.clone()
+    np.testing.assert_allclose(k_mean.numpy(), ref.smoothing_mean(kv.k[0].numpy()), rtol=1e-5, atol=1e-5)
+    kv.append(50)
+    kv.append(1)
+    assert torch.equal(cache.k_mean, k_mean)
+    check_decode(kv, rng, 8)
+
+
+def test_strided_and_bfloat16_appends(cpu_ops_runtime, rng):
+    cache = TurboKVCache(head_bits=[4, 4])
+    kv = Appender(cache, rng, 1, 2, 64, dtype=torch.bfloat16)
+    kv.append(90)
+    k_bthd = torch.randn(1, 5, 2, 64, dtype=torch.bfloat16)  # a [B, T, H, D] projection, viewed as [B, H, T, D]
+    v_bthd = torch.randn(1, 5, 2, 64, dtype=torch.bfloat16)
+    cache.append(k_bthd.transpose(1, 2), v_bthd.transpose(1, 2))
+    kv.k.append(k_bthd.transpose(1, 2))
+    kv.v.append(v_bthd.transpose(1, 2))
+    assert cache.length == 95
+    check_decode(kv, rng, 4)
+
+
+def test_append_bad_inputs(cpu_ops_runtime):
+    k = torch.randn(1, 2, 10, 64)
+    with pytest.raises(ValueError, match=r"head_bits, share_2bit: expected at most one"):
+        TurboKVCache(head_bits=[4, 4], share_2bit=0.5)
+    with pytest.raises(ValueError, match=r"head_bits: expected 2 values \(one per KV head\) from \(2, 4\), got \(4, 4, 4\)"):
+        TurboKVCache(head_bits=[4, 4, 4]).append(k, k)
+    with pytest.raises(ValueError, match=r"head_bits: expected 2 values .* got \(8, 4\)"):
+        TurboKVCache(head_bits=[8, 4]).append(k, k)
+    cache = TurboKVCache(head_bits=[4, 4])
+    with pytest.raises(ValueError, match=r"v: expected shape \(1, 2, 10, 64\)"):
+        cache.append(k, k[:, :, :5])
+    with pytest.raises(ValueError, match=r"k: expected shape \[batch, kv_heads, tokens >= 1, head_dim\]"):
+        cache.append(k[:, :, :0], k[:, :, :0])
+    with pytest.raises(ValueError, match=r"k: head_dim 32 is not supported"):
+        cache.append(k[..., :32], k[..., :32])
+    with pytest.raises(TypeError, match=r"k: expected dtype in \('float32', 'bfloat16'\) \(this build\), got torch.float16"):
+        cache.append(k.half(), k.half())
+    assert cache.length == 0  # nothing was stored by the refused appends
+    cache.append(k, k)
+    with pytest.raises(ValueError, match=r"k: expected \[1, 2, T, 64\] torch.float32 on cpu \(the cache's\)"):
+        cache.append(torch.randn(1, 4, 1, 64), torch.randn(1, 4, 1, 64))
+    with pytest.raises(ValueError, match=r"k: expected \[1, 2, T, 64\] torch.float32"):
+        cache.append(k.bfloat16(), k.bfloat16())
+    assert cache.length == 10

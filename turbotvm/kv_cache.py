@@ -1,0 +1,231 @@
+"""TurboKVCache: one attention layer's KV cache, quantized and compressed as tokens arrive.
+
+Storage (docs/algorithm.md §2, §5):
+
+- Whole 64-token blocks [0, compressed_len): packed INT4/INT2 codes per bit-width group (a
+  ``PackedGroup``), with integer step/zero and the INT8 block scale. They live in tensors with spare
+  capacity along dim 2 that grow by doubling, so appending a block copies only that block
+  (amortised). The decode kernels read ``compressed_len`` tokens of them.
+- The open block [compressed_len, length), fewer than 64 tokens: the INT8 buffer the decode kernels
+  read, plus the same tokens in their input dtype. FlashQ gives a block one INT8 scale, the absmax of
+  all its tokens, so each append re-quantizes the open block from the exact values. Re-quantizing
+  INT8 codes instead would round twice, and the block's INT4/INT2 codes would differ from a cache
+  compressed in one go. That costs at most 63 tokens per KV head, whatever the length.
+
+The K smoothing mean is fixed by the first append (usually the prompt) and never recomputed.
+Subtracting any fixed per-channel offset μ moves every score of a query by the same q·μ, which
+softmax cancels, so any fixed offset is valid. Recomputing it would change the INT8 codes of every
+block already compressed.
+
+The cache exposes the attributes of ``CompressedKV`` (head_bits, head_dim, length, compressed_len,
+k_mean, groups, buffer_*), so ``TurboAttention.decode`` and ``turbotvm.ops.turbo_decode`` read it
+directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from .algorithm import CACHE_BITS, DEFAULT_2BIT_HEAD_SHARE, QUANT_BLOCK
+from .attention import TurboAttention
+from .calibration import select_head_bits
+from .compressed_kv import PackedGroup
+from .runtimes import runtime_for
+from .validation import check_head_dim, dtype_name
+
+
+class TurboKVCache:
+    """Compressed K/V of one layer. ``append(k, v)`` adds tokens; decode with ``turbotvm.turbo_decode``.
+
+    head_bits: bits per KV head (2 or 4). If None, the first append picks them with
+    ``select_head_bits(k, v, share_2bit)``: the lowest-priority ``share_2bit`` of the heads go to 2 bits
+    (default ``DEFAULT_2BIT_HEAD_SHARE``). runtime: the TurboAttention whose kernels compress and
+    decode; default: ``runtime_for`` the device of the first append. reserve_tokens: capacity to allocate
+    at the first compressed block (for example prompt + maximum new tokens), so the storage does not
+    grow until then; beyond it, it doubles.
+    """
+
+    def __init__(self, head_bits=None, share_2bit: float | None = None, runtime: TurboAttention | None = None,
+                 reserve_tokens: int = 0):
+        if head_bits is not None and share_2bit is not None:
+            raise ValueError("head_bits, share_2bit: expected at most one (given bits, or a 2-bit share to choose them)")
+        if runtime is not None and not isinstance(runtime, TurboAttention):
+            raise TypeError(f"runtime: expected a TurboAttention, got {type(runtime).__name__}")
+        self._requested_bits = head_bits
+        self._share_2bit = DEFAULT_2BIT_HEAD_SHARE if share_2bit is None else float(share_2bit)
+        self.runtime = runtime
+        self.head_bits: tuple | None = None
+        self.head_dim: int | None = None
+        self.k_mean: torch.Tensor | None = None  # [B, H_kv, D] float32, fixed by the first append
+        self.groups: list[PackedGroup] = []  # tensors with spare capacity along dim 2
+        self.compressed_len = 0
+        self.buffer_k = self.buffer_k_scale = self.buffer_v = self.buffer_v_scale = None
+        self._open_k = self._open_v = None  # the open block's tokens in the input dtype
+        self._capacity = 0  # tokens the group tensors can hold
+        self._reserve = -(-int(reserve_tokens) // QUANT_BLOCK) * QUANT_BLOCK  # whole blocks
+        self._dtype: torch.dtype | None = None
+
+    # ------------------------------------------------------------------ what it holds
+
+    @property
+    def length(self) -> int:
+        return self.compressed_len + (0 if self._open_k is None else self._open_k.shape[2])
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the packed group tensors can hold before they grow (doubling)."""
+        return self._capacity
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.head_bits) if self.head_bits is not None else 0
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.k_mean is None else self.k_mean.device
+
+    def nbytes(self, capacity: bool = False) -> int:
+        """Bytes of the tokens held, every scale, zero, offset and the open block included.
+
+        capacity=True counts the spare capacity of the growing tensors as well (what is allocated).
+        """
+        if self.k_mean is None:
+            return 0
+        total = _nbytes(self.k_mean)
+        for group in self.groups:
+            total += _nbytes(group.heads)
+            for t in group.tensors():
+                rows = t.shape[2] if capacity else self._rows(t, self._capacity, self.compressed_len)
+                total += _nbytes(t) // t.shape[2] * rows
+        for t in (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale, self._open_k, self._open_v):
+            total += 0 if t is None else _nbytes(t)
+        return total
+
+    def fp16_nbytes(self) -> int:
+        """Bytes the same K and V take in fp16, for the compression ratio."""
+        if self.k_mean is None:
+            return 0
+        return 2 * 2 * self.k_mean.shape[0] * self.num_kv_heads * self.length * self.head_dim
+
+    # ------------------------------------------------------------------ append
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add new tokens k, v [B, H_kv, T, D] (T >= 1, any strides; the cache copies what it keeps)."""
+        runtime = self._check(k, v)
+        dtype = dtype_name("k", k, runtime.config)
+        if self.k_mean is None:
+            self._start(runtime, k, v, dtype)
+        k_open = k.contiguous() if self._open_k is None else torch.cat((self._open_k, k), dim=2)
+        v_open = v.contiguous() if self._open_v is None else torch.cat((self._open_v, v), dim=2)
+        k8, k_scale = runtime.quantize(k_open, dtype, self.k_mean)
+        v8, v_scale = runtime.quantize(v_open, dtype)
+        blocks = k_open.shape[2] // QUANT_BLOCK
+        closed = blocks * QUANT_BLOCK
+        if blocks:
+            new_groups = runtime.compress_blocks(
+                k8[:, :, :closed].contiguous(), k_scale[:, :, :blocks].contiguous(),
+                v8[:, :, :closed].contiguous(), v_scale[:, :, :blocks].contiguous(), self.head_bits)
+            self._store(new_groups, closed)
+        if closed < k_open.shape[2]:
+            # copies, not views: with B * H_kv == 1 a slice is contiguous already, and a view would keep
+            # the caller's tensor (or the INT8 codes of the whole prompt) alive
+            self._open_k, self._open_v = _compact(k_open[:, :, closed:]), _compact(v_open[:, :, closed:])
+            self.buffer_k, self.buffer_v = _compact(k8[:, :, closed:]), _compact(v8[:, :, closed:])
+            self.buffer_k_scale, self.buffer_v_scale = _compact(k_scale[:, :, blocks:]), _compact(v_scale[:, :, blocks:])
+        else:
+            self._open_k = self._open_v = None
+            self.buffer_k = self.buffer_k_scale = self.buffer_v = self.buffer_v_scale = None
+
+    def _check(self, k, v) -> TurboAttention:
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4 or any(s == 0 for s in x.shape):
+                raise ValueError(f"{name}: expected shape [batch, kv_heads, tokens >= 1, head_dim], got {tuple(x.shape)}")
+        if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+            raise ValueError(f"v: expected shape {tuple(k.shape)}, dtype {k.dtype} and device {k.device} (those of k), "
+                             f"got {tuple(v.shape)}, {v.dtype}, {v.device}")
+        if self.k_mean is not None:
+            b, h, d = self.k_mean.shape
+            if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d) or k.dtype != self._dtype or k.device != self.device:
+                raise ValueError(f"k: expected [{b}, {h}, T, {d}] {self._dtype} on {self.device} (the cache's), "
+                                 f"got {tuple(k.shape)} {k.dtype} on {k.device}")
+        runtime = self.runtime or runtime_for(k.device)
+        if runtime.device_type != k.device.type:
+            raise ValueError(f"k: expected a tensor on {runtime.device_type!r} (the runtime's target), got {k.device}")
+        check_head_dim("k", k.shape[3], runtime.config)
+        return runtime
+
+    def _start(self, runtime: TurboAttention, k, v, dtype: str) -> None:
+        """First append: fix the runtime, dtype, head bits and the K smoothing mean."""
+        hkv = k.shape[1]
+        if self._requested_bits is None:
+            bits = select_head_bits(k, v, self._share_2bit)
+        else:
+            bits = self._requested_bits
+        bits = tuple(int(b) for b in np.asarray(bits).reshape(-1))
+        if len(bits) != hkv or any(b not in CACHE_BITS for b in bits):
+            raise ValueError(f"head_bits: expected {hkv} values (one per KV head) from {CACHE_BITS}, got {bits}")
+        self.runtime, self._dtype, self.head_bits, self.head_dim = runtime, k.dtype, bits, k.shape[3]
+        self.k_mean = runtime.smoothing_mean(k.contiguous(), dtype)
+
+    # ------------------------------------------------------------------ growing storage
+
+    def _store(self, new_groups: list[PackedGroup], tokens: int) -> None:
+        """Write freshly compressed blocks after the stored ones, growing every group's tensors if full."""
+        needed = self.compressed_len + tokens
+        if needed > self._capacity:
+            capacity = max(needed, 2 * self._capacity, self._reserve)
+            self.groups = [self._grown(old, new, tokens, capacity) for old, new in
+                           zip(self.groups or [None] * len(new_groups), new_groups)]
+            self._capacity = capacity
+        for stored, new in zip(self.groups, new_groups):
+            for dst, src in zip(stored.tensors(), new.tensors()):
+                start = self._rows(src, tokens, self.compressed_len)
+                dst[:, :, start:start + src.shape[2]].copy_(src)
+        self.compressed_len = needed
+
+    def _grown(self, old: PackedGroup | None, new: PackedGroup, tokens: int, capacity: int) -> PackedGroup:
+        """A group like ``new`` whose tensors hold ``capacity`` tokens, the stored ones copied over."""
+        if old is not None and old.bits != new.bits:
+            raise RuntimeError(f"compress_blocks returned group bits={new.bits} where bits={old.bits} is stored")
+        grown = {}
+        for name, src in zip(_tensor_fields(new), new.tensors()):
+            rows = self._rows(src, tokens, capacity)
+            t = torch.empty((*src.shape[:2], rows, *src.shape[3:]), dtype=src.dtype, device=src.device)
+            if old is not None:
+                kept = self._rows(src, tokens, self.compressed_len)
+                t[:, :, :kept].copy_(getattr(old, name)[:, :, :kept])
+            grown[name] = t
+        return dataclasses.replace(new, **grown)
+
+    @staticmethod
+    def _rows(t: torch.Tensor, tokens_in_t: int, tokens: int) -> int:
+        """Rows of dim 2 that ``tokens`` take in a tensor like t, which holds ``tokens_in_t`` tokens.
+
+        Dim 2 is the token axis (codes) or the 64-token block axis (step, zero, scale).
+        """
+        if t.shape[2] == tokens_in_t:
+            return tokens
+        if t.shape[2] * QUANT_BLOCK == tokens_in_t:
+            return tokens // QUANT_BLOCK
+        raise ValueError(f"PackedGroup tensor of shape {tuple(t.shape)}: expected dim 2 to be the token axis "
+                         f"({tokens_in_t}) or the 64-token block axis ({tokens_in_t // QUANT_BLOCK})")
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy that owns its memory."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _tensor_fields(group: PackedGroup) -> list[str]:
+    """Names of the dataclass fields that ``group.tensors()`` returns, in its order."""
+    by_id = {id(getattr(group, f.name)): f.name for f in dataclasses.fields(group)}
+    return [by_id[id(t)] for t in group.tensors()]
