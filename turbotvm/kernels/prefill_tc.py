@@ -17,7 +17,7 @@ registers, FlashAttention-2 style:
 
 from tvm.script import tirx as T
 
-from ..algorithm import INT8_MAX, QUANT_BLOCK
+from ..algorithm import INT8_MAX, QUANT_BLOCK, SAS_MAX_INT, SAS_POLY
 from .sas import NEG_BIG, SAS_TABLE, sas_exp_from_table, sas_table_entry
 
 BQ = 64  # query rows per CTA (= FlashQ block: one Q scale per CTA)
@@ -28,9 +28,40 @@ ROW_PAD_WORDS = 4  # 16 bytes of padding per shared row: conflict-free fragment 
 
 
 def key_position(key: int) -> int:
-    """Column of key (0..63 within a tile) in the v8t layout: the order the P fragments use."""
-    half, k = divmod(key % 32, 16)
-    return (key // 32) * 32 + half * 16 + 4 * ((k % 8) // 2) + 2 * (k // 8) + k % 2
+    """Column of key (0..63 within a tile) in the v8t layout: the order the P fragments use.
+
+    Within a 32-key step ks, the accumulator gives lane t the keys 8e' + 2t + e'' that fill byte
+    e = 2e' + e'' of its A word j = t (keys 0-15) or j = 4 + t (keys 16-31). Words are then laid
+    out per lane (word (j % 4) * 4 + ks * 2 + j // 4) so one 16-byte load gives a lane its B words.
+    """
+    ks, k = divmod(key % 64, 32)
+    half, kk = divmod(k, 16)
+    j = half * 4 + (kk % 8) // 2
+    e = 2 * (kk // 8) + kk % 2
+    return ((j % 4) * 4 + ks * 2 + j // 4) * 4 + e
+
+
+def d_word(ks: int, j: int, t4, ksteps: int):
+    """Physical int32 word of Q/K rows that feeds k-slot word j (0..7) of step ks for lane t4.
+
+    Q·Kᵀ sums over d, so any order of the d words shared by Q and K is valid; this one puts a
+    lane's words of every k-step side by side (two 16-byte shared loads per K row for D=128).
+    """
+    return t4 * (2 * ksteps) + 2 * ks + j // 4
+
+
+MAGIC = 12582912.0  # 1.5 * 2**23: float + MAGIC puts an integer |i| < 2**22 in the low mantissa bits
+MAGIC_BITS = 0x4B400000
+
+
+def _int_to_float(i):
+    """Exact int32 -> float32 for |i| < 2**22 with an integer add and a float add (no I2F)."""
+    return T.reinterpret("float32", i + MAGIC_BITS) - T.float32(MAGIC)
+
+
+def _round_to_int(x_plus_magic):
+    """int32 of a float already offset by MAGIC (round half to even happened in that add)."""
+    return T.reinterpret("int32", x_plus_magic) - MAGIC_BITS
 
 
 def _mma(a_buf, a_off, b_buf, b_off, c_buf, c_off):
@@ -46,14 +77,20 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str):
     KW = BK // 4  # words per V^T row of one tile
     K_CHUNKS = BK * DW // 4 // THREADS  # 16-byte chunks per thread to stage a K tile
     V_CHUNKS = D * KW // 4 // THREADS
-    # shared tiles are flat so the padding survives buffer compaction
-    K_STRIDE = DW + ROW_PAD_WORDS
-    V_STRIDE = KW + ROW_PAD_WORDS
+    # Shared rows: a quarter-warp's 16-byte fragment loads (rows g, g+1) must hit 32 distinct banks.
+    # The tiles are flat so this padding survives TVM's buffer compaction.
+    K_STRIDE = DW + (4 if DW == 32 else 0)
+    V_STRIDE = KW
 
-    def visible(row, col, N, M):
+    def masked(row, col, N, M):
         if causal:
-            return T.And(T.And(row < N, col < M), col <= row + M - N)
-        return T.And(row < N, col < M)
+            return T.Or(T.Or(row >= N, col >= M), col > row + M - N)
+        return T.Or(row >= N, col >= M)
+
+    def tile_needs_mask(qt, kt, N, M):
+        if causal:
+            return T.Or(kt * BK + BK > M, kt * BK + BK - 1 > qt * BQ + M - N)
+        return kt * BK + BK > M
 
     def num_kv_tiles(qt, N, M):
         if causal:
@@ -65,6 +102,27 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str):
         if causal:
             return T.ceildiv(N, BQ) - 1 - bx  # the longest rows first: better tail balance
         return bx
+
+    def sas_code(score, m, p_inv, table):
+        """rint(SAS(score - m) * p_inv) as int32: floor by a round-down add, table, cubic, rint by add."""
+        t = T.min(m - score, T.float32(SAS_MAX_INT + 1))
+        floor_t = T.call_pure_extern("float32", "__fadd_rd", t, T.float32(MAGIC))
+        y = (floor_t - T.float32(MAGIC)) - t
+        c3, c2, c1, c0 = (T.float32(c) for c in SAS_POLY)
+        e = table[_round_to_int(floor_t)] * (((c3 * y + c2) * y + c1) * y + c0)
+        return T.min(_round_to_int(e * p_inv + T.float32(MAGIC)), INT8_MAX)
+
+    @T.macro
+    def load_tile(k_w, vt_w, k_stage, v_stage, b, kvh, kt, tx, M):
+        """KV tile kt from global memory into registers, 16 bytes per load (K rows past M read as 0)."""
+        for c in T.unroll(K_CHUNKS):
+            for w in T.vectorized(4):
+                k_stage[c * 4 + w] = T.if_then_else(
+                    kt * BK + (c * THREADS + tx) // (DW // 4) < M,
+                    k_w[b, kvh, kt * BK + (c * THREADS + tx) // (DW // 4), (c * THREADS + tx) % (DW // 4) * 4 + w], 0)
+        for c in T.unroll(V_CHUNKS):
+            for w in T.vectorized(4):
+                v_stage[c * 4 + w] = vt_w[b, kvh, (c * THREADS + tx) // (KW // 4), kt * KW + (c * THREADS + tx) % (KW // 4) * 4 + w]
 
     @T.prim_func(s_tir=True)
     def prefill_tc_func(q_h: T.handle, q_scale_h: T.handle, k_h: T.handle, k_scale_h: T.handle,
@@ -90,29 +148,37 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str):
                         T.writes(out[by // H, by % H, 0:N, 0:D])
                         k_tile = T.sblock_alloc_buffer((BK * K_STRIDE,), "int32", scope="shared")
                         vt_tile = T.sblock_alloc_buffer((D * V_STRIDE,), "int32", scope="shared")
+                        sas_table = T.sblock_alloc_buffer((len(SAS_TABLE),), "float32", scope="shared")
+                        k_stage = T.sblock_alloc_buffer((K_CHUNKS * 4,), "int32", scope="local")
+                        v_stage = T.sblock_alloc_buffer((V_CHUNKS * 4,), "int32", scope="local")
                         q_frag = T.sblock_alloc_buffer((KSTEPS * 4,), "int32", scope="local")
+                        # fragments are loaded 16 bytes at a time into *_vec, which TVM retypes as
+                        # int4; the mma operands must stay int32-indexed, hence the register copies
+                        k_vec = T.sblock_alloc_buffer((KSTEPS * 2,), "int32", scope="local")
+                        v_vec = T.sblock_alloc_buffer((4,), "int32", scope="local")
+                        k_frag = T.sblock_alloc_buffer((KSTEPS * 2,), "int32", scope="local")
+                        v_frag = T.sblock_alloc_buffer((4,), "int32", scope="local")
                         s_acc = T.sblock_alloc_buffer((BK // 8 * 4,), "int32", scope="local")
+                        score = T.sblock_alloc_buffer((BK // 8 * 4,), "float32", scope="local")
                         p_code = T.sblock_alloc_buffer((BK // 8 * 4,), "int32", scope="local")
                         p_frag = T.sblock_alloc_buffer((BK // 32 * 4,), "int32", scope="local")
                         pv_acc = T.sblock_alloc_buffer((4,), "int32", scope="local")
-                        k_frag = T.sblock_alloc_buffer((2,), "int32", scope="local")
-                        v_frag = T.sblock_alloc_buffer((2,), "int32", scope="local")
                         o_acc = T.sblock_alloc_buffer((DTILES * 4,), "float32", scope="local")
                         tile_scale = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        score = T.sblock_alloc_buffer((BK // 8 * 4,), "float32", scope="local")
                         # per owned row (g, g + 8): running max, partial sum, tile max, rescale, P scale
                         m = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         l = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         tile_max = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         corr = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         p_scale = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                        p_inv = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                        pv_scale = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         p_sum = T.sblock_alloc_buffer((2,), "int32", scope="local")
-                        p_inv = T.sblock_alloc_buffer((2,), "float32", scope="local")  # 1 / p_scale
-                        sas_table = T.sblock_alloc_buffer((len(SAS_TABLE),), "float32", scope="shared")
 
-                        b: T.let[T.int32] = by // H
-                        h: T.let[T.int32] = by % H
-                        kvh: T.let[T.int32] = h // (H // HKV)
+                        # truncating division: all non-negative, and it spares floordiv's sign fix-ups
+                        b: T.let[T.int32] = T.truncdiv(by, H)
+                        h: T.let[T.int32] = T.truncmod(by, H)
+                        kvh: T.let[T.int32] = T.truncdiv(h, T.truncdiv(H, HKV))
                         qt: T.let[T.int32] = query_tile(bx, N)
                         warp: T.let[T.int32] = tx // 32
                         g: T.let[T.int32] = tx % 32 // 4
@@ -124,48 +190,52 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str):
                         if tx < len(SAS_TABLE):
                             sas_table[tx] = sas_table_entry(tx)
                         for ks in T.unroll(KSTEPS):
-                            q_frag[ks * 4 + 0] = T.if_then_else(row0 < N, q_w[b, h, row0, ks * 8 + t4], 0)
-                            q_frag[ks * 4 + 1] = T.if_then_else(row1 < N, q_w[b, h, row1, ks * 8 + t4], 0)
-                            q_frag[ks * 4 + 2] = T.if_then_else(row0 < N, q_w[b, h, row0, ks * 8 + 4 + t4], 0)
-                            q_frag[ks * 4 + 3] = T.if_then_else(row1 < N, q_w[b, h, row1, ks * 8 + 4 + t4], 0)
+                            q_frag[ks * 4 + 0] = T.if_then_else(row0 < N, q_w[b, h, row0, d_word(ks, 0, t4, KSTEPS)], 0)
+                            q_frag[ks * 4 + 1] = T.if_then_else(row1 < N, q_w[b, h, row1, d_word(ks, 0, t4, KSTEPS)], 0)
+                            q_frag[ks * 4 + 2] = T.if_then_else(row0 < N, q_w[b, h, row0, d_word(ks, 4, t4, KSTEPS)], 0)
+                            q_frag[ks * 4 + 3] = T.if_then_else(row1 < N, q_w[b, h, row1, d_word(ks, 4, t4, KSTEPS)], 0)
                         for r in T.unroll(2):
                             m[r] = T.float32(NEG_BIG)
                             l[r] = T.float32(0)
                         for i in T.unroll(DTILES * 4):
                             o_acc[i] = T.float32(0)
 
+                        if num_kv_tiles(qt, N, M) > 0:
+                            load_tile(k_w, vt_w, k_stage, v_stage, b, kvh, 0, tx, M)
                         for kt in T.serial(num_kv_tiles(qt, N, M)):
-                            # ---- stage K (row-major) and V^T tiles in shared memory
+                            # ---- the prefetched tile goes to shared memory; the next one is loaded
+                            # into registers while this one is computed (global latency hidden)
                             T.tvm_storage_sync("shared")
                             for c in T.unroll(K_CHUNKS):
                                 for w in T.vectorized(4):
-                                    k_tile[(c * THREADS + tx) // (DW // 4) * K_STRIDE + (c * THREADS + tx) % (DW // 4) * 4 + w] = \
-                                        T.if_then_else(kt * BK + (c * THREADS + tx) // (DW // 4) < M,
-                                                       k_w[b, kvh, kt * BK + (c * THREADS + tx) // (DW // 4),
-                                                           (c * THREADS + tx) % (DW // 4) * 4 + w], 0)
+                                    k_tile[(c * THREADS + tx) // (DW // 4) * K_STRIDE + (c * THREADS + tx) % (DW // 4) * 4 + w] = k_stage[c * 4 + w]
                             for c in T.unroll(V_CHUNKS):
                                 for w in T.vectorized(4):
-                                    vt_tile[(c * THREADS + tx) // (KW // 4) * V_STRIDE + (c * THREADS + tx) % (KW // 4) * 4 + w] = \
-                                        vt_w[b, kvh, (c * THREADS + tx) // (KW // 4),
-                                             kt * KW + (c * THREADS + tx) % (KW // 4) * 4 + w]
+                                    vt_tile[(c * THREADS + tx) // (KW // 4) * V_STRIDE + (c * THREADS + tx) % (KW // 4) * 4 + w] = v_stage[c * 4 + w]
                             T.tvm_storage_sync("shared")
+                            if kt + 1 < num_kv_tiles(qt, N, M):
+                                load_tile(k_w, vt_w, k_stage, v_stage, b, kvh, kt + 1, tx, M)
 
                             # ---- S = Q·Kᵀ (INT32), 8 n-tiles of 8 keys
                             for i in T.unroll(BK // 8 * 4):
                                 s_acc[i] = 0
                             for nt in T.unroll(BK // 8):
+                                for c in T.unroll(KSTEPS // 2):
+                                    for w in T.vectorized(4):
+                                        k_vec[c * 4 + w] = k_tile[(nt * 8 + g) * K_STRIDE + t4 * KSTEPS * 2 + c * 4 + w]
+                                for w in T.unroll(KSTEPS * 2):
+                                    k_frag[w] = k_vec[w]
                                 for ks in T.unroll(KSTEPS):
-                                    k_frag[0] = k_tile[(nt * 8 + g) * K_STRIDE + ks * 8 + t4]
-                                    k_frag[1] = k_tile[(nt * 8 + g) * K_STRIDE + ks * 8 + 4 + t4]
-                                    T.evaluate(_mma(q_frag, ks * 4, k_frag, 0, s_acc, nt * 4))
+                                    T.evaluate(_mma(q_frag, ks * 4, k_frag, ks * 2, s_acc, nt * 4))
 
-                            # ---- scores, row max over the 4 lanes of a row
+                            # ---- scores (exact int -> float), masked only on tiles that cross an edge
                             tile_scale[0] = qk_scale * k_scale[b, kvh, kt]
                             for i in T.unroll(BK // 8 * 4):
-                                score[i] = T.if_then_else(
-                                    visible(row0 + i % 4 // 2 * 8, kt * BK + i // 4 * 8 + t4 * 2 + i % 2, N, M),
-                                    T.Cast("float32", s_acc[i]) * tile_scale[0],
-                                    T.float32(NEG_BIG))
+                                score[i] = _int_to_float(s_acc[i]) * tile_scale[0]
+                            if tile_needs_mask(qt, kt, N, M):
+                                for i in T.unroll(BK // 8 * 4):
+                                    if masked(row0 + i % 4 // 2 * 8, kt * BK + i // 4 * 8 + t4 * 2 + i % 2, N, M):
+                                        score[i] = T.float32(NEG_BIG)
                             for r in T.unroll(2):
                                 tile_max[r] = T.float32(NEG_BIG)
                             for i in T.unroll(BK // 8 * 4):
@@ -175,17 +245,17 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str):
                                 corr[r] = sas_exp_from_table(m[r] - T.max(m[r], tile_max[r]), sas_table)
                                 p_scale[r] = sas_exp_from_table(tile_max[r] - T.max(m[r], tile_max[r]),
                                                                 sas_table) / T.float32(INT8_MAX)
-                                p_inv[r] = T.float32(1) / T.max(p_scale[r], T.float32(1e-30))
+                                # P = 0 for a row with no visible key yet (max still NEG_BIG) and for a
+                                # tile entirely below the SAS threshold (p_scale = 0)
+                                p_inv[r] = T.if_then_else(T.And(tile_max[r] > T.float32(NEG_BIG), p_scale[r] > T.float32(0)),
+                                                          T.float32(1) / p_scale[r], T.float32(0))
+                                pv_scale[r] = p_scale[r] * v_scale[b, kvh, kt]
                                 m[r] = T.max(m[r], tile_max[r])
                                 p_sum[r] = 0
 
-                            # ---- P codes (INT8 in int32 registers), packed into A fragments
+                            # ---- P codes (0..127; masked keys fall past the table's last entry -> 0)
                             for i in T.unroll(BK // 8 * 4):
-                                p_code[i] = T.Cast("int32", T.if_then_else(
-                                    T.And(score[i] > T.float32(NEG_BIG), p_scale[i % 4 // 2] > T.float32(0)),
-                                    T.min(T.nearbyint(sas_exp_from_table(score[i] - m[i % 4 // 2], sas_table)
-                                                      * p_inv[i % 4 // 2]), T.float32(INT8_MAX)),
-                                    T.float32(0)))
+                                p_code[i] = sas_code(score[i], m[i % 4 // 2], p_inv[i % 4 // 2], sas_table)
                                 p_sum[i % 4 // 2] = p_sum[i % 4 // 2] + p_code[i]
                             for ks in T.unroll(BK // 32):
                                 for a in T.unroll(4):
@@ -202,13 +272,15 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str):
                             for nt in T.unroll(DTILES):
                                 for i in T.unroll(4):
                                     pv_acc[i] = 0
+                                for w in T.vectorized(4):
+                                    v_vec[w] = vt_tile[(nt * 8 + g) * V_STRIDE + t4 * 4 + w]
+                                for w in T.unroll(4):
+                                    v_frag[w] = v_vec[w]
                                 for ks in T.unroll(BK // 32):
-                                    v_frag[0] = vt_tile[(nt * 8 + g) * V_STRIDE + ks * 8 + t4]
-                                    v_frag[1] = vt_tile[(nt * 8 + g) * V_STRIDE + ks * 8 + 4 + t4]
-                                    T.evaluate(_mma(p_frag, ks * 4, v_frag, 0, pv_acc, 0))
+                                    T.evaluate(_mma(p_frag, ks * 4, v_frag, ks * 2, pv_acc, 0))
                                 for i in T.unroll(4):
-                                    o_acc[nt * 4 + i] = o_acc[nt * 4 + i] * corr[i // 2] + p_scale[i // 2] * \
-                                        v_scale[b, kvh, kt] * T.Cast("float32", pv_acc[i])
+                                    o_acc[nt * 4 + i] = o_acc[nt * 4 + i] * corr[i // 2] + pv_scale[i // 2] * \
+                                        _int_to_float(pv_acc[i])
 
                         # ---- normalise by the row sum (partial per lane: reduce over the row's 4 lanes)
                         for r in T.unroll(2):

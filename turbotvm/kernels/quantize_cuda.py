@@ -16,9 +16,10 @@ THREADS = 128
 
 def key_at(p):
     """Inverse of prefill_tc.key_position: the key (0..63) stored at column p of a v8t tile."""
-    r = p % 32
-    q = r % 16
-    return p // 32 * 32 + r // 16 * 16 + q % 4 // 2 * 8 + q // 4 * 2 + q % 2
+    word, e = p // 4, p % 4
+    j = word % 2 * 4 + word // 4  # A-fragment word of the 32-key step
+    ks = word % 4 // 2
+    return ks * 32 + j // 4 * 16 + e // 2 * 8 + j % 4 * 2 + e % 2
 
 
 def quantize_rows(in_dtype: str, head_dim: int, smoothed: bool, transposed: bool):
