@@ -44,8 +44,11 @@ def test_v8t_key_order_is_a_permutation_and_its_inverse():
     positions = [key_position(k) for k in range(64)]
     assert sorted(positions) == list(range(64))
     assert [key_at(p) for p in positions] == list(range(64))
-    # the accumulator's first four keys for lane t=1 ({2, 3, 10, 11}) fill the A operand's columns 4..7
-    assert [positions[k] for k in (2, 3, 10, 11)] == [4, 5, 6, 7]
+    # lane t=1 holds keys {2, 3, 10, 11} in its accumulator: they are the 4 bytes of its first A word,
+    # and its words (k-step 0: 0-15 / 16-31, k-step 1: ...) lie side by side at word 4 = column 16
+    assert [positions[k] for k in (2, 3, 10, 11)] == [16, 17, 18, 19]
+    assert [positions[k] for k in (18, 19, 26, 27)] == [20, 21, 22, 23]
+    assert [positions[k] for k in (34, 35, 42, 43)] == [24, 25, 26, 27]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

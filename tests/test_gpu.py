@@ -57,12 +57,25 @@ def test_prefill_tensor_core_source(turbo_cuda):
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in source
 
 
-def test_decode_cuda_matches_reference(turbo_cuda, rng):
-    q, k, v = random_qkv(rng, 2, 8, 4, 1, 1000, 128)
-    bits = [4, 2, 4, 4]
+@pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,bits,splits", [
+    (2, 8, 4, 1000, 128, [4, 2, 4, 4], 4),      # mixed bits, INT8 tail of 40 tokens
+    (1, 4, 4, 8192 + 17, 128, [4, 4, 4, 4], 37),  # many splits, uneven partition
+    (3, 6, 2, 640, 64, [2, 4], 1),               # D=64, GQA 3, exact blocks (no tail)
+])
+def test_decode_cuda_matches_reference(turbo_cuda, rng, batch, heads, kv_heads, length, head_dim, bits, splits):
+    q, k, v = realistic_qkv(rng, batch, heads, kv_heads, 1, length, head_dim)
     cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), bits)
+    out = turbo_cuda.decode(torch.from_numpy(q).cuda(), cache, num_splits=splits).cpu().numpy()
+    assert cosine(out, ref.turbo_decode(q, ref.build_cache(k, v, bits), num_splits=splits)) >= 0.9999
+
+
+def test_decode_cuda_auto_splits(turbo_cuda, rng):
+    """The default split count (filled GPU) changes only how partial states are merged."""
+    q, k, v = random_qkv(rng, 1, 8, 8, 1, 4096, 128)
+    cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), [4] * 8)
     out = turbo_cuda.decode(torch.from_numpy(q).cuda(), cache).cpu().numpy()
-    assert cosine(out, ref.turbo_decode(q, ref.build_cache(k, v, bits))) >= 0.9999
+    assert cosine(out, ref.turbo_decode(q, ref.build_cache(k, v, [4] * 8))) >= 0.9995
+    assert cosine(out, ref.exact_attention(q, k, v)) >= 0.98
 
 
 def test_cpu_tensor_refused_by_cuda_build(turbo_cuda, rng):

@@ -85,4 +85,4 @@ def test_decode_bad_inputs(turbo_cpu, rng):
     with pytest.raises(ValueError, match="head_bits: expected 2 values"):
         turbo_cpu.compress_kv(k, v, [4, 3])
     with pytest.raises(ValueError, match="num_splits: expected a positive integer"):
-        turbo_cpu.decode(q[:, :, :1].copy(), cache, num_splits=0)
+        turbo_cpu.decode(q[:, :, :1].copy(), cache, num_splits=-1)

@@ -18,7 +18,10 @@ from .kernels.sas import NEG_BIG
 from .torch_stream import on_torch_stream
 from .validation import as_tensor, check_attention_inputs, check_head_dim, check_scale, check_tensor, dtype_name
 
-DEFAULT_DECODE_SPLITS = 4
+#: 0 = choose: 4 on the CPU; on a GPU enough splits for about 8 CTAs per SM (decode is bandwidth-bound).
+DEFAULT_DECODE_SPLITS = 0
+CPU_DECODE_SPLITS = 4
+CTAS_PER_SM = 8
 
 
 class TurboAttention:
@@ -169,6 +172,13 @@ class TurboAttention:
     # ------------------------------------------------------------------ decode
 
     @on_torch_stream
+    def _auto_splits(self, q, compressed_len: int) -> int:
+        if self.device_type != "cuda":
+            return CPU_DECODE_SPLITS
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        tiles = max(1, -(-compressed_len // QUANT_BLOCK))
+        return max(1, min(tiles, -(-CTAS_PER_SM * sms // (q.shape[0] * q.shape[1]))))
+
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
         """Attention of one query token q [B,H,1,D] over the whole compressed cache."""
         was_numpy = isinstance(q, np.ndarray)
@@ -185,8 +195,9 @@ class TurboAttention:
                              f"{cache.num_kv_heads} (the cache's), got shape {tuple(q.shape)}")
         if cache.k_mean.device != q.device:
             raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {cache.k_mean.device}")
-        if int(num_splits) < 1:
-            raise ValueError(f"num_splits: expected a positive integer, got {num_splits}")
+        if int(num_splits) < 0:
+            raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
+        num_splits = int(num_splits) or self._auto_splits(q, cache.compressed_len)
         check_head_dim("q", d, self.config)
         scale = check_scale(scale, d)
         group_size = h // cache.num_kv_heads

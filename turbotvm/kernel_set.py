@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .algorithm import CACHE_BITS, SUPPORTED_HEAD_DIMS
-from .kernels import decode, kv_compress, prefill, prefill_tc, quantize, quantize_cuda
+from .kernels import decode, decode_cuda, kv_compress, prefill, prefill_tc, quantize, quantize_cuda
 
 #: Activation dtypes the kernels take and return.
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -94,7 +94,7 @@ class KernelSet:
 
 
 def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> KernelSet:
-    """All kernels for a target kind: CUDA prefill runs on the INT8 tensor-core kernels."""
+    """All kernels for a target kind: on CUDA, prefill and decode are the hand-mapped kernels."""
     funcs, hand_mapped = {}, {}
     for dtype in config.dtypes:
         funcs[quantize_name(dtype, False)] = quantize.quantize_int8(dtype, smoothed=False)
@@ -116,9 +116,15 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> Kerne
             else:
                 for causal in (False, True):
                     funcs[prefill_name(d, causal, dtype)] = prefill.prefill(d, causal, dtype)
-            funcs[decode_merge_name(d, dtype)] = decode.decode_merge(d, dtype)
+            if target_kind == "cuda":
+                hand_mapped[decode_merge_name(d, dtype)] = decode_cuda.decode_merge_cuda(d, dtype)
+            else:
+                funcs[decode_merge_name(d, dtype)] = decode.decode_merge(d, dtype)
         for bits in CACHE_BITS + (8,):
-            funcs[decode_split_name(d, bits)] = decode.decode_split(d, bits)
+            if target_kind == "cuda":
+                hand_mapped[decode_split_name(d, bits)] = decode_cuda.decode_split_cuda(d, bits)
+            else:
+                funcs[decode_split_name(d, bits)] = decode.decode_split(d, bits)
     funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}
     funcs.update({name: f.with_attr("global_symbol", name).with_attr(HAND_MAPPED, True)
                   for name, f in hand_mapped.items()})

@@ -1,0 +1,240 @@
+"""Decode over the compressed cache on CUDA: the math of ``decode.py``, mapped by hand onto a CTA.
+
+Same signatures and results as ``decode_split`` / ``decode_merge`` (checked against
+turbotvm.reference), written at thread level like MLC-LLM's decode kernels because decode is
+bandwidth-bound and the one-thread-per-tile SIMT rule cannot read the cache at speed.
+
+A CTA of 128 threads owns one (split, batch, query head) and walks its 64-token tiles:
+
+* the tile's packed K codes are read coalesced (each thread always expands the same 4 channels,
+  so it loads their integer step/zero once per tile) and expanded to INT8 rows in shared memory;
+  V is expanded transposed ([D][64 tokens]) so that P·V is a 4-byte dot product per load;
+* Q·Kᵀ: two threads per token, ``__dp4a`` over half the channels each, summed by a shuffle;
+* SAS online softmax over the tile (block max through shared memory), P codes packed 4 per word;
+* P·V: thread d does ``__dp4a`` of the P words with its V row; the P sum comes from the same words.
+"""
+
+from tvm.script import tirx as T
+
+from ..algorithm import INT8_MAX, QUANT_BLOCK, codes_per_byte
+from .sas import NEG_BIG, sas_exp
+
+BK = QUANT_BLOCK
+THREADS = 128
+WARPS = THREADS // 32
+
+
+def _dp4a(a, b, c):
+    return T.call_pure_extern("int32", "__dp4a", a, b, c)
+
+
+def _pack4(b0, b1, b2, b3):
+    """Four int32 values in -128..127 packed as the bytes of one word (little end first)."""
+    return (T.bitwise_and(b0, 255) | T.shift_left(T.bitwise_and(b1, 255), 8)
+            | T.shift_left(T.bitwise_and(b2, 255), 16) | T.shift_left(b3, 24))
+
+
+def decode_split_cuda(head_dim: int, bits: int):
+    D = head_dim
+    per_byte = 1 if bits == 8 else codes_per_byte(bits)
+    code_width = D // per_byte  # bytes per token
+    code_dtype = "int8" if bits == 8 else "uint8"
+    DW = D // 4
+    K_STRIDE = DW + 4  # words per expanded K row (padding: conflict-free 16-byte reads)
+    V_STRIDE = BK // 4 + 4  # words per expanded V^T row
+    K_WORDS = BK * DW // THREADS  # expanded K words per thread per tile
+    V_ITEMS = code_width * (BK // 4) // THREADS  # (byte column, 4 tokens) items per thread per tile
+    HALF_WORDS = DW // 2  # K words each of a token's two threads multiplies
+
+    def code_of(byte, c):
+        if bits == 8:
+            return T.Cast("int32", T.Cast("int8", byte))
+        return T.bitwise_and(T.shift_right(T.Cast("int32", byte), c * bits), 2**bits - 1)
+
+    def expand(code, step, zero):
+        if bits == 8:
+            return code
+        return T.min(code * T.Cast("int32", step) + T.Cast("int32", zero), INT8_MAX)
+
+    def block_of(tile, NP):
+        if bits == 8:
+            return 0  # step/zero are unused placeholders of the INT8 buffer
+        return tile
+
+    @T.prim_func(s_tir=True)
+    def decode_split_func(q_h: T.handle, q_scale_h: T.handle, heads_h: T.handle,
+                          k_codes_h: T.handle, k_step_h: T.handle, k_zero_h: T.handle, k_scale_h: T.handle,
+                          v_codes_h: T.handle, v_step_h: T.handle, v_zero_h: T.handle, v_scale_h: T.handle,
+                          o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle,
+                          sm_scale: T.float32, group_size: T.int32, num_splits: T.int32, slot_offset: T.int32,
+                          length: T.int32):
+        B, H, HG, L, NB, NP, S = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(q_h, (B, H, 1, D), "int8")
+        q_scale = T.match_buffer(q_scale_h, (B, H, 1), "float32")
+        heads = T.match_buffer(heads_h, (HG,), "int32")
+        k_codes = T.match_buffer(k_codes_h, (B, HG, L, code_width), code_dtype)
+        k_step = T.match_buffer(k_step_h, (B, HG, NP, D), "uint8")
+        k_zero = T.match_buffer(k_zero_h, (B, HG, NP, D), "int8")
+        k_scale = T.match_buffer(k_scale_h, (B, HG, NB), "float32")
+        v_codes = T.match_buffer(v_codes_h, (B, HG, L, code_width), code_dtype)
+        v_step = T.match_buffer(v_step_h, (B, HG, NP, D), "uint8")
+        v_zero = T.match_buffer(v_zero_h, (B, HG, NP, D), "int8")
+        v_scale = T.match_buffer(v_scale_h, (B, HG, NB), "float32")
+        o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
+        m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
+        l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
+        q_w = T.decl_buffer((B, H, DW), "int32", data=q.data)
+        for split in T.thread_binding(num_splits, thread="blockIdx.x"):
+            for by in T.thread_binding(B * HG * group_size, thread="blockIdx.y"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    with T.sblock("decode_tile"):
+                        T.reads(q_w[0:B, 0:H, 0:DW], q_scale[0:B, 0:H, 0], heads[0:HG],
+                                k_codes[0:B, 0:HG, 0:L, 0:code_width], k_step[0:B, 0:HG, 0:NP, 0:D],
+                                k_zero[0:B, 0:HG, 0:NP, 0:D], k_scale[0:B, 0:HG, 0:NB],
+                                v_codes[0:B, 0:HG, 0:L, 0:code_width], v_step[0:B, 0:HG, 0:NP, 0:D],
+                                v_zero[0:B, 0:HG, 0:NP, 0:D], v_scale[0:B, 0:HG, 0:NB])
+                        T.writes(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
+                        k_tile = T.sblock_alloc_buffer((BK * K_STRIDE,), "int32", scope="shared")
+                        v_tile = T.sblock_alloc_buffer((D * V_STRIDE,), "int32", scope="shared")
+                        p_words = T.sblock_alloc_buffer((BK // 4,), "int32", scope="shared")
+                        warp_max = T.sblock_alloc_buffer((WARPS,), "float32", scope="shared")
+                        q_frag = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
+                        k_vec = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
+                        v_vec = T.sblock_alloc_buffer((BK // 4,), "int32", scope="local")
+                        k_sz = T.sblock_alloc_buffer((8,), "int32", scope="local")  # step, zero of 4 channels
+                        v_sz = T.sblock_alloc_buffer((2 * per_byte,), "int32", scope="local")
+                        acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        # m, l, score, tile max, rescale, P scale, 1 / P scale
+                        st = T.sblock_alloc_buffer((7,), "float32", scope="local")
+                        s_int = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        pv = T.sblock_alloc_buffer((2,), "int32", scope="local")  # P·V, P sum
+                        code = T.sblock_alloc_buffer((1,), "int32", scope="local")
+
+                        b: T.let[T.int32] = T.truncdiv(by, HG * group_size)
+                        g: T.let[T.int32] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
+                        hq: T.let[T.int32] = heads[g] * group_size + T.truncmod(by, group_size)
+                        n_tiles: T.let[T.int32] = T.ceildiv(length, BK)
+                        per_split: T.let[T.int32] = T.ceildiv(n_tiles, num_splits)
+                        first: T.let[T.int32] = T.min(split * per_split, n_tiles)
+                        last: T.let[T.int32] = T.min(first + per_split, n_tiles)
+                        token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
+                        half: T.let[T.int32] = tx % 2
+
+                        for i in T.unroll(HALF_WORDS):
+                            q_frag[i] = q_w[b, hq, half * HALF_WORDS + i]
+                        st[0] = T.float32(NEG_BIG)
+                        st[1] = T.float32(0)
+                        acc[0] = T.float32(0)
+                        for kt in T.serial(last - first):
+                            T.tvm_storage_sync("shared")
+                            # ---- expand K to INT8 rows: thread tx always owns channels 4*(w % DW)..+3
+                            for c in T.unroll(4):
+                                k_sz[c] = T.Cast("int32", k_step[b, g, block_of(first + kt, NP), (tx % DW) * 4 + c])
+                                k_sz[4 + c] = T.Cast("int32", k_zero[b, g, block_of(first + kt, NP), (tx % DW) * 4 + c])
+                            for w in T.unroll(K_WORDS):
+                                k_tile[(w * THREADS + tx) // DW * K_STRIDE + tx % DW] = T.if_then_else(
+                                    (first + kt) * BK + (w * THREADS + tx) // DW < length,
+                                    _pack4(*[expand(code_of(k_codes[b, g, (first + kt) * BK + (w * THREADS + tx) // DW,
+                                                                   ((tx % DW) * 4 + c) // per_byte],
+                                                            ((tx % DW) * 4 + c) % per_byte),
+                                                    k_sz[c], k_sz[4 + c]) for c in range(4)]),
+                                    0)
+                            # ---- expand V transposed: item = (byte column, 4 tokens) -> per_byte words
+                            for c in T.unroll(per_byte):
+                                v_sz[c] = T.Cast("int32", v_step[b, g, block_of(first + kt, NP), (tx % code_width) * per_byte + c])
+                                v_sz[per_byte + c] = T.Cast("int32", v_zero[b, g, block_of(first + kt, NP), (tx % code_width) * per_byte + c])
+                            for it in T.unroll(V_ITEMS):
+                                for c in T.unroll(per_byte):
+                                    v_tile[((tx % code_width) * per_byte + c) * V_STRIDE + (it * THREADS + tx) // code_width] = _pack4(*[
+                                        T.if_then_else(
+                                            (first + kt) * BK + (it * THREADS + tx) // code_width * 4 + j < length,
+                                            expand(code_of(v_codes[b, g, (first + kt) * BK + (it * THREADS + tx) // code_width * 4 + j,
+                                                                   tx % code_width], c), v_sz[c], v_sz[per_byte + c]),
+                                            0) for j in range(4)])
+                            T.tvm_storage_sync("shared")
+
+                            # ---- score of token tx // 2 (both threads of the pair hold it)
+                            s_int[0] = 0
+                            for i4 in T.unroll(HALF_WORDS // 4):
+                                for w in T.vectorized(4):
+                                    k_vec[i4 * 4 + w] = k_tile[token * K_STRIDE + half * HALF_WORDS + i4 * 4 + w]
+                            for i in T.unroll(HALF_WORDS):
+                                s_int[0] = _dp4a(q_frag[i], k_vec[i], s_int[0])
+                            s_int[0] = s_int[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_int[0], 1, 32, 32)
+                            st[2] = T.if_then_else((first + kt) * BK + token < length,
+                                                   T.Cast("float32", s_int[0]) * q_scale[b, hq, 0]
+                                                   * k_scale[b, g, first + kt] * sm_scale, T.float32(NEG_BIG))
+                            st[3] = T.cuda.warp_reduce(st[2], "max", 32)
+                            if tx % 32 == 0:
+                                warp_max[tx // 32] = st[3]
+                            T.tvm_storage_sync("shared")
+                            st[3] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
+                            st[4] = sas_exp(st[0] - T.max(st[0], st[3]))
+                            st[5] = sas_exp(st[3] - T.max(st[0], st[3])) / T.float32(INT8_MAX)
+                            st[0] = T.max(st[0], st[3])
+                            st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
+                            code[0] = T.if_then_else(
+                                T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
+                                T.Cast("int32", T.min(T.nearbyint(sas_exp(st[2] - st[0]) * st[6]), T.float32(INT8_MAX))),
+                                0)
+                            # tokens 4j..4j+3 sit on lanes 8j, +2, +4, +6: gather and store one word
+                            p_word_of_lane: T.let[T.int32] = _pack4(
+                                code[0], T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 2, 32, 32),
+                                T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 4, 32, 32),
+                                T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 6, 32, 32))
+                            if tx % 8 == 0:
+                                p_words[tx // 8] = p_word_of_lane
+                            T.tvm_storage_sync("shared")
+
+                            # ---- P·V for channel tx, P sum from the same words
+                            pv[0] = 0
+                            pv[1] = 0
+                            if tx < D:
+                                for i4 in T.unroll(BK // 16):
+                                    for w in T.vectorized(4):
+                                        v_vec[i4 * 4 + w] = v_tile[tx * V_STRIDE + i4 * 4 + w]
+                                for i in T.unroll(BK // 4):
+                                    pv[0] = _dp4a(p_words[i], v_vec[i], pv[0])
+                                    pv[1] = _dp4a(p_words[i], 0x01010101, pv[1])
+                                acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, first + kt] * T.Cast("float32", pv[0])
+                                st[1] = st[1] * st[4] + st[5] * T.Cast("float32", pv[1])
+                        if tx < D:
+                            o_part[b, hq, slot_offset + split, tx] = acc[0]
+                        if tx == 0:
+                            m_part[b, hq, slot_offset + split] = st[0]
+                            l_part[b, hq, slot_offset + split] = st[1]
+
+    return decode_split_func
+
+
+def decode_merge_cuda(head_dim: int, out_dtype: str):
+    """One CTA per (batch, head), one thread per channel: SAS-weighted sum of the split states."""
+    D = head_dim
+
+    @T.prim_func(s_tir=True)
+    def decode_merge_func(o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, out_h: T.handle):
+        B, H, S = T.int32(), T.int32(), T.int32()
+        o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
+        m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
+        l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
+        out = T.match_buffer(out_h, (B, H, 1, D), out_dtype)
+        for bh in T.thread_binding(B * H, thread="blockIdx.x"):
+            for tx in T.thread_binding(D, thread="threadIdx.x"):
+                with T.sblock("merge_row"):
+                    T.reads(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
+                    T.writes(out[0:B, 0:H, 0, 0:D])
+                    state = T.sblock_alloc_buffer((3,), "float32", scope="local")  # max, sum, acc
+                    b: T.let[T.int32] = T.truncdiv(bh, H)
+                    h: T.let[T.int32] = T.truncmod(bh, H)
+                    state[0] = T.float32(NEG_BIG)
+                    state[1] = T.float32(0)
+                    state[2] = T.float32(0)
+                    for s in T.serial(S):
+                        state[0] = T.max(state[0], m_part[b, h, s])
+                    for s in T.serial(S):
+                        state[1] = state[1] + sas_exp(m_part[b, h, s] - state[0]) * l_part[b, h, s]
+                        state[2] = state[2] + sas_exp(m_part[b, h, s] - state[0]) * o_part[b, h, s, tx]
+                    out[b, h, 0, tx] = T.Cast(out_dtype, T.if_then_else(
+                        state[1] > T.float32(0), state[2] / state[1], T.float32(0)))
+
+    return decode_merge_func
