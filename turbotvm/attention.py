@@ -172,6 +172,16 @@ class TurboAttention:
     # ------------------------------------------------------------------ decode
 
     @on_torch_stream
+    def _quantize_query(self, q, dtype):
+        """INT8 query: on CUDA through the block-parallel kernel (the generic one is one thread per block)."""
+        if self.device_type != "cuda":
+            return self.quantize(q, dtype)
+        b, h, n, d = q.shape
+        q8 = self._empty(q, (b, h, n, d), torch.int8)
+        q_scale = self._empty(q, (b, h, -(-n // QUANT_BLOCK)), torch.float32)
+        self.kernels[names.quantize_rows_name(dtype, d, False)](q, q8, q_scale)
+        return q8, q_scale
+
     def _auto_splits(self, q, compressed_len: int) -> int:
         if self.device_type != "cuda":
             return CPU_DECODE_SPLITS
@@ -201,7 +211,7 @@ class TurboAttention:
         check_head_dim("q", d, self.config)
         scale = check_scale(scale, d)
         group_size = h // cache.num_kv_heads
-        q8, q_scale = self.quantize(q, dtype)
+        q8, q_scale = self._quantize_query(q, dtype)
         slots = num_splits + 1  # splits over the compressed prefix + one for the INT8 buffer
         o_part = torch.zeros((b, h, slots, d), dtype=torch.float32, device=q.device)
         m_part = torch.full((b, h, slots), NEG_BIG, dtype=torch.float32, device=q.device)

@@ -122,7 +122,8 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> Kerne
                 funcs[decode_merge_name(d, dtype)] = decode.decode_merge(d, dtype)
         for bits in CACHE_BITS + (8,):
             if target_kind == "cuda":
-                hand_mapped[decode_split_name(d, bits)] = decode_cuda.decode_split_cuda(d, bits)
+                hand_mapped[decode_split_name(d, bits)] = (decode_cuda.decode_split_cuda(d, bits) if bits == 8
+                                                           else decode_cuda.decode_split_packed(d, bits))
             else:
                 funcs[decode_split_name(d, bits)] = decode.decode_split(d, bits)
     funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}

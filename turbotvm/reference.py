@@ -162,7 +162,8 @@ def turbo_prefill(q, k, v, causal=False, scale=None, smooth_k=True):
 def compress_int8(codes8, bits):
     """INT8 -> INT{bits}, per (batch, head, 64-token block, channel), integer scale and zero point.
 
-    zero = block minimum (int8), step = max(1, ceil((max - min) / (2^bits - 1))) (integer),
+    step = max(1, ceil((max - min) / (2^bits - 1))) (integer),
+    zero = min(block minimum, 127 - (2^bits - 1) * step) (int8: the top code expands to at most 127),
     code = min(round_half_even((x - zero) / step), 2^bits - 1), in integers. Ties go to the even
     code: rounding half up would bias every even step by +step/2 at ties, and a bias does not
     average out in P·V the way independent rounding errors do. Returns (codes, step, zero), codes
@@ -175,11 +176,14 @@ def compress_int8(codes8, bits):
     lo, hi = blocks.min(3), blocks.max(3)
     levels = 2**bits - 1
     step = np.maximum(1, -(-(hi - lo) // levels))
-    offset, step_b = blocks - lo[:, :, :, None], step[:, :, :, None]
+    # the top code lands at or below 127, so expansion stays INT8 and linear (no clamp); since
+    # levels * step <= 255 this zero still fits int8 and still covers the block minimum
+    zero = np.minimum(lo, INT8_MAX - levels * step)
+    offset, step_b = blocks - zero[:, :, :, None], step[:, :, :, None]
     quot, rem = offset // step_b, offset % step_b
     round_up = (2 * rem > step_b) | ((2 * rem == step_b) & (quot % 2 == 1))
     code = np.minimum(quot + round_up, levels)
-    return code.reshape(b, h, length, d).astype(np.uint8), step.astype(np.uint8), lo.astype(np.int8)
+    return code.reshape(b, h, length, d).astype(np.uint8), step.astype(np.uint8), zero.astype(np.int8)
 
 
 def decompress_int8(code, step, zero):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tvm
 from tqdm import tqdm
@@ -43,11 +43,16 @@ class CompiledKernels:
     target_kind: str
     target: str
     names: tuple
+    _functions: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __getitem__(self, name: str):
-        if name not in self.names:
-            raise KeyError(f"kernel {name!r} is not in this build (built for {self.config})")
-        return self.module[name]
+        # looked up once: a module lookup per call costs tens of microseconds, as much as a decode kernel
+        function = self._functions.get(name)
+        if function is None:
+            if name not in self.names:
+                raise KeyError(f"kernel {name!r} is not in this build (built for {self.config})")
+            function = self._functions[name] = self.module[name]
+        return function
 
     def cuda_source(self) -> str:
         if self.target_kind != "cuda":

@@ -1,6 +1,7 @@
 """FlashQ stage 2: INT8 KV blocks <-> packed INT4/INT2 codes with integer step and zero point.
 
-Per (batch, head, 64-token block, channel): zero = min, step = max(1, ceil((max-min)/levels)),
+Per (batch, head, 64-token block, channel): step = max(1, ceil((max-min)/levels)),
+zero = min(min, 127 - levels * step) (so the top code expands to at most 127: no clamp needed),
 code = round_half_even((x - zero) / step) in integers (docs/algorithm.md §2). Codes of one token
 are packed along the channel axis, low bits first: byte i holds channels i*k .. i*k+k-1, k = 8/bits.
 The kernels gather a group of heads (all heads of one bit width) through ``heads``.
@@ -53,7 +54,9 @@ def compress(bits: int):
                         hi[0] = T.max(hi[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
                 with T.sblock("store"):
                     step[vb, vg, vblk, vd] = T.Cast("uint8", T.max(1, T.ceildiv(hi[0] - lo[0], levels)))
-                    zero[vb, vg, vblk, vd] = T.Cast("int8", lo[0])
+                    # top code at or below 127: expansion is linear (levels * step <= 255 keeps this int8)
+                    zero[vb, vg, vblk, vd] = T.Cast("int8", T.min(
+                        lo[0], INT8_MAX - levels * T.max(1, T.ceildiv(hi[0] - lo[0], levels))))
         for b, g, blk in T.grid(B, HG, NB):
             with T.sblock("gather_scale"):
                 vb, vg, vblk = T.axis.remap("SSS", [b, g, blk])
