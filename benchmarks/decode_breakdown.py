@@ -13,7 +13,7 @@ from turbotvm import TurboAttention
 from turbotvm import kernel_set as names
 from turbotvm.kernels.sas import NEG_BIG
 
-from bench_attention import median_ms
+from turbotvm.bench import median_ms
 
 
 def main(argv=None):

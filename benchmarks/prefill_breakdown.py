@@ -16,7 +16,7 @@ from turbotvm import TurboAttention
 from turbotvm import kernel_set as names
 from turbotvm.algorithm import QUANT_BLOCK
 
-from bench_attention import median_ms
+from turbotvm.bench import median_ms
 
 
 def main(argv=None):

@@ -102,6 +102,13 @@ def cmd_demo(args) -> int:
     return run_demo(console, out_dir=Path(args.out), quick=args.quick)
 
 
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    run(args)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="turbotvm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +134,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="turbotvm-demo", help="directory for the exported module and CUDA source")
     p.add_argument("--quick", action="store_true", help="smaller shapes")
     p.set_defaults(func=cmd_demo)
+
+    from .bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="turbotvm vs PyTorch SDPA on this GPU: JSON + plot")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("cache", help="list or clear the module cache (TurboAttention.cached, load_or_build)")
     p.add_argument("action", choices=("info", "clear"))

@@ -1,4 +1,5 @@
-"""`turbotvm demo`: build for the CPU, check accuracy against the float64 reference, export, emit CUDA."""
+"""`turbotvm demo`: build for the CPU, check accuracy against the float64 reference, export, emit CUDA;
+on a GPU also the tensor-core build and a side-by-side benchmark against PyTorch SDPA."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.table import Table
 
 from . import reference as ref
@@ -13,6 +15,7 @@ from .attention import TurboAttention
 from .calibration import select_head_bits
 from .codegen import emit_cuda_source
 from .kernel_set import KernelSetConfig
+from .runtimes import default_target
 from .testing import cosine, max_abs_error, random_qkv, realistic_qkv
 
 
@@ -66,4 +69,24 @@ def run_demo(console, out_dir: Path, quick: bool = False) -> int:
     cuda_path = out_dir / "turbotvm_sm_90.cu"
     source = emit_cuda_source("sm_90", KernelSetConfig(dtypes=("float16",)), cuda_path, progress=True)
     console.print(f"emitted {len(source.splitlines())} lines of CUDA for sm_90 to {cuda_path}")
+    if torch.cuda.is_available():
+        _gpu_part(console, out_dir, quick)
+    else:
+        console.print("no CUDA GPU here: skipping the tensor-core build and the benchmark (`turbotvm bench` on a GPU)")
     return 0
+
+
+def _gpu_part(console, out_dir: Path, quick: bool) -> None:
+    """On a GPU: the CUDA build (cached) checked against the reference, then turbotvm vs SDPA side by side."""
+    from argparse import Namespace
+
+    from .bench import run
+
+    rng = np.random.default_rng(1)
+    turbo = TurboAttention.cached(default_target("cuda"), head_dims=(64, 128), dtypes=("float16",), progress=True)
+    q, k, v = realistic_qkv(rng, batch=1, heads=8, kv_heads=2, q_len=777, kv_len=777, head_dim=128)
+    out = turbo.prefill(*(torch.from_numpy(x).to("cuda", torch.float16) for x in (q, k, v)), causal=True)
+    q, k, v = (torch.from_numpy(x).half().double().numpy() for x in (q, k, v))
+    console.print(f"CUDA tensor-core prefill vs float64 reference: cos "
+                  f"{cosine(out.float().cpu().numpy(), ref.turbo_prefill(q, k, v, True)):.6f}")
+    run(Namespace(quick=quick, out=str(out_dir / "bench"), skip_decode=False))
