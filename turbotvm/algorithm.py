@@ -27,6 +27,14 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 #: Bit widths of the compressed KV cache.
 CACHE_BITS = (2, 4)
 
+#: Tokens per stage-2 group: one integer step and zero point per (KV head, group, channel), two
+#: groups per 64-token block. Half the block's width per group cuts the 4-bit error by a quarter.
+CACHE_GROUP = 32
+
+#: K channels per (KV head, 64-token block) kept at INT8 in the cache: the widest ones, which
+#: carry the logits when K has outlier channels (dense-and-sparse). V keeps none.
+CACHE_K_OUTLIERS = 4
+
 #: Share of KV heads stored at 2 bits in a mixed-precision cache (lowest gap*std first).
 DEFAULT_2BIT_HEAD_SHARE = 0.25
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import kernel_set as names
-from .algorithm import CACHE_BITS, QUANT_BLOCK
+from .algorithm import CACHE_BITS, CACHE_GROUP, CACHE_K_OUTLIERS, QUANT_BLOCK
 from .codegen import CompiledKernels, build, load, load_or_build
 from .compressed_kv import CompressedKV, PackedGroup
 from .kernel_set import KernelSetConfig
@@ -32,8 +32,10 @@ class TurboAttention:
         self.device_type = "cuda" if kernels.target_kind == "cuda" else "cpu"
 
     @classmethod
-    def build(cls, target="llvm", head_dims=(64, 128), dtypes=("float32",), progress=False) -> TurboAttention:
-        return cls(build(target, KernelSetConfig(tuple(head_dims), tuple(dtypes)), progress))
+    def build(cls, target="llvm", head_dims=(64, 128), dtypes=("float32",), progress=False,
+              tuning_log=None) -> TurboAttention:
+        """``tuning_log``: a ``turbotvm tune`` output directory; kernels without a record use the hand schedule."""
+        return cls(build(target, KernelSetConfig(tuple(head_dims), tuple(dtypes)), progress, tuning_log))
 
     @classmethod
     def load(cls, module_dir) -> TurboAttention:
@@ -41,9 +43,13 @@ class TurboAttention:
 
     @classmethod
     def cached(cls, target="llvm", head_dims=(64, 128), dtypes=("float32",), cache_dir=None,
-               progress=False) -> TurboAttention:
-        """Load from the module cache (default ``$TURBOTVM_CACHE_DIR`` or ~/.cache/turbotvm); build on a miss."""
-        return cls(load_or_build(target, KernelSetConfig(tuple(head_dims), tuple(dtypes)), cache_dir, progress))
+               progress=False, tuning_log=None) -> TurboAttention:
+        """Load from the module cache (default ``$TURBOTVM_CACHE_DIR`` or ~/.cache/turbotvm); build on a miss.
+
+        With ``tuning_log`` the entry is keyed by the log's content too (a re-tuned log rebuilds).
+        """
+        return cls(load_or_build(target, KernelSetConfig(tuple(head_dims), tuple(dtypes)), cache_dir, progress,
+                                 tuning_log))
 
     @property
     def config(self) -> KernelSetConfig:
@@ -160,10 +166,11 @@ class TurboAttention:
         hg, nblocks = len(heads), length // QUANT_BLOCK
         head_ids = torch.tensor(heads, dtype=torch.int32, device=k8.device)
         parts = []
-        for x8, scale in ((k8, k_scale), (v8, v_scale)):
-            codes = self._empty(x8, (b, hg, length, d * bits // 8), torch.uint8)
-            step = self._empty(x8, (b, hg, nblocks, d), torch.uint8)
-            zero = self._empty(x8, (b, hg, nblocks, d), torch.int8)
+        # K's code rows end with CACHE_K_OUTLIERS bytes for its kept channels; the kernels read the width
+        for x8, scale, kept in ((k8, k_scale, CACHE_K_OUTLIERS), (v8, v_scale, 0)):
+            codes = self._empty(x8, (b, hg, length, d * bits // 8 + kept), torch.uint8)
+            step = self._empty(x8, (b, hg, nblocks, QUANT_BLOCK // CACHE_GROUP, d), torch.uint8)
+            zero = self._empty(x8, (b, hg, nblocks, QUANT_BLOCK // CACHE_GROUP, d), torch.int8)
             group_scale = self._empty(x8, (b, hg, nblocks), torch.float32)
             self.kernels[names.compress_name(bits)](x8, scale, head_ids, codes, step, zero, group_scale)
             parts += [codes, step, zero, group_scale]

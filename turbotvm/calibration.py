@@ -1,8 +1,9 @@
-"""Head-wise mixed precision: which KV heads a compressed cache stores at 2 bits (docs §2.3).
+"""Head-wise mixed precision: which KV heads a compressed cache stores at 2 bits (docs §2.2).
 
-Priority of a KV head = gap * std (gap = max - min) of its K plus the same of its V, on
-calibration data. Low priority heads have small, narrow values: their 2-bit error is smallest
-in absolute terms, so they go to 2 bits and the rest to 4.
+Priority of a KV head = gap * std (gap = max - min) of its V on calibration data. A head's 2-bit
+error reaches the output in V's units, so the heads with small, narrow V go to 2 bits and the rest
+to 4. K's error is relative to its own scale: its harm depends on the logits' spread, which K's
+gap * std does not measure (and K's widest channels stay INT8 at any bit width).
 """
 
 import numpy as np
@@ -11,14 +12,11 @@ from .algorithm import DEFAULT_2BIT_HEAD_SHARE
 
 
 def head_priority(k, v) -> np.ndarray:
-    """gap * std per KV head of K plus that of V; k, v: [B, H_kv, L, D] arrays or CPU tensors."""
-
-    def one(x):
-        x = np.asarray(x, np.float64)
-        flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
-        return (flat.max(1) - flat.min(1)) * flat.std(1)
-
-    return one(_to_numpy(k)) + one(_to_numpy(v))
+    """gap * std of V per KV head; k, v: [B, H_kv, L, D] arrays or CPU tensors (k does not enter)."""
+    del k
+    x = np.asarray(_to_numpy(v), np.float64)
+    flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+    return (flat.max(1) - flat.min(1)) * flat.std(1)
 
 
 def select_head_bits(k, v, share_2bit: float = DEFAULT_2BIT_HEAD_SHARE) -> np.ndarray:

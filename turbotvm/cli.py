@@ -51,7 +51,7 @@ def _installed() -> bool:
 def cmd_build(args) -> int:
     from .codegen import build, export
 
-    compiled = build(args.target, _config(args), progress=True)
+    compiled = build(args.target, _config(args), progress=True, tuning_log=args.tuning_log)
     if compiled.target_kind == "cuda" and args.out is not None:
         import tvm
 
@@ -102,6 +102,12 @@ def cmd_demo(args) -> int:
     return run_demo(console, out_dir=Path(args.out), quick=args.quick)
 
 
+def cmd_tune(args) -> int:
+    from .tuning.cli import run
+
+    return run(args, console)
+
+
 def cmd_bench(args) -> int:
     from .bench import run
 
@@ -121,6 +127,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("build", help="build the kernel set for a target and export it")
     p.add_argument("--target", default="llvm", help="'llvm', 'cuda', a TVM tag or a JSON dict")
     p.add_argument("--out", required=True, help="output directory (kernels.so + manifest.json)")
+    p.add_argument("--tuning-log", default=None, help="a turbotvm tune directory: its best records are applied")
     add_config(p, "float32")
     p.set_defaults(func=cmd_build)
 
@@ -140,6 +147,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="turbotvm vs PyTorch SDPA on this GPU: JSON + plot")
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    from .tuning.cli import add_arguments as add_tune_arguments
+
+    p = sub.add_parser("tune", help="meta-schedule tuning into a TVM JSON database (tuning_logs/<arch>/), resumable")
+    add_tune_arguments(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("cache", help="list or clear the module cache (TurboAttention.cached, load_or_build)")
     p.add_argument("action", choices=("info", "clear"))

@@ -1,9 +1,12 @@
 """The compressed KV cache as tensors: what the decode kernels read (docs/algorithm.md §2, §5).
 
 Tokens [0, compressed_len) are stored per bit width group (heads of equal bits together):
-packed codes [B, HG, Lc, D*bits/8] uint8, integer step/zero [B, HG, Lc/64, D], the FlashQ INT8
-scale [B, HG, Lc/64] and the group's global KV head ids. Tokens [compressed_len, length) stay
-INT8 (the buffer of recent tokens, compressed once it holds 64).
+packed codes [B, HG, Lc, D*bits/8 + kept] uint8, integer step/zero [B, HG, Lc/64, 64/CACHE_GROUP, D],
+the FlashQ INT8 scale [B, HG, Lc/64] and the group's global KV head ids. K's code rows end with
+kept = CACHE_K_OUTLIERS bytes: its widest channels of each 64-token block at INT8 (step 0, zero =
+the byte's slot; see kernels/kv_compress.py); V keeps none. Dim 2 of every tensor is the token or
+the 64-token block axis. Tokens [compressed_len, length) stay INT8 (the buffer of recent tokens,
+compressed once it holds 64).
 """
 
 from __future__ import annotations

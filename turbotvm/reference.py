@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .algorithm import INT8_MAX, QUANT_BLOCK, SAS_LUT, SAS_MAX_INT, SAS_POLY
+from .algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK, SAS_LUT, SAS_MAX_INT, SAS_POLY
 
 # ----------------------------------------------------------------------------- exact
 
@@ -159,39 +159,84 @@ def turbo_prefill(q, k, v, causal=False, scale=None, smooth_k=True):
 # ----------------------------------------------------------------------------- KV compression
 
 
-def compress_int8(codes8, bits):
-    """INT8 -> INT{bits}, per (batch, head, 64-token block, channel), integer scale and zero point.
+def compress_int8(codes8, bits, outliers=0):
+    """INT8 -> INT{bits} codes, integer step and zero point per (batch, head, CACHE_GROUP tokens, channel).
 
-    step = max(1, ceil((max - min) / (2^bits - 1))) (integer),
-    zero = min(block minimum, 127 - (2^bits - 1) * step) (int8: the top code expands to at most 127),
-    code = min(round_half_even((x - zero) / step), 2^bits - 1), in integers. Ties go to the even
-    code: rounding half up would bias every even step by +step/2 at ties, and a bias does not
-    average out in P·V the way independent rounding errors do. Returns (codes, step, zero), codes
-    unpacked [B,H,L,D] uint8, step/zero [B,H,L/64,D].
+    Step and zero minimise the group's squared error (``fit_step_zero``); codes are
+    round_half_even((x - zero) / step) clamped to [0, 2^bits - 1], in integers. Per 64-token block,
+    the ``outliers`` channels of widest range (max - min; ties to the lower channel) are kept verbatim:
+    their step is 0, their zero is the slot of ``kept`` that holds them, their codes are 0.
+    Returns (code [B,H,L,D] uint8 unpacked, step [B,H,L/64,G,D] uint8, zero [B,H,L/64,G,D] int8,
+    kept [B,H,L,outliers] int8), G = 64 / CACHE_GROUP groups per block.
     """
     x = np.asarray(codes8, np.int64)
     b, h, length, d = x.shape
     assert length % QUANT_BLOCK == 0
-    blocks = x.reshape(b, h, length // QUANT_BLOCK, QUANT_BLOCK, d)
-    lo, hi = blocks.min(3), blocks.max(3)
+    nblk, per_block = length // QUANT_BLOCK, QUANT_BLOCK // CACHE_GROUP
     levels = 2**bits - 1
-    step = np.maximum(1, -(-(hi - lo) // levels))
-    # the top code lands at or below 127, so expansion stays INT8 and linear (no clamp); since
-    # levels * step <= 255 this zero still fits int8 and still covers the block minimum
-    zero = np.minimum(lo, INT8_MAX - levels * step)
-    offset, step_b = blocks - zero[:, :, :, None], step[:, :, :, None]
-    quot, rem = offset // step_b, offset % step_b
-    round_up = (2 * rem > step_b) | ((2 * rem == step_b) & (quot % 2 == 1))
-    code = np.minimum(quot + round_up, levels)
-    return code.reshape(b, h, length, d).astype(np.uint8), step.astype(np.uint8), zero.astype(np.int8)
+    groups = x.reshape(b, h, nblk, per_block, CACHE_GROUP, d)
+    step, zero = fit_step_zero(groups, levels)
+    code = _encode(groups, step[..., None, :], zero[..., None, :], levels)
+    blocks = x.reshape(b, h, nblk, QUANT_BLOCK, d)
+    width = blocks.max(3) - blocks.min(3)
+    slot_channel = np.argsort(-width, axis=-1, kind="stable")[..., :outliers]  # [B,H,NB,outliers]
+    kept = np.take_along_axis(blocks, slot_channel[:, :, :, None, :], axis=-1).reshape(b, h, length, outliers)
+    for slot in range(outliers):
+        at = np.broadcast_to(slot_channel[:, :, :, None, None, slot], (b, h, nblk, per_block, 1))
+        np.put_along_axis(step, at, 0, axis=-1)
+        np.put_along_axis(zero, at, slot, axis=-1)
+        np.put_along_axis(code, at[:, :, :, :, None], 0, axis=-1)
+    code = code.reshape(b, h, length, d)
+    return code.astype(np.uint8), step.astype(np.uint8), zero.astype(np.int8), kept.astype(np.int8)
 
 
-def decompress_int8(code, step, zero):
-    """INT{bits} -> INT8: code * step + zero, clamped to 127."""
+def fit_step_zero(groups, levels):
+    """Integer (step, zero) per group [..., tokens, channels] with the least squared error.
+
+    The widest step, ceil((max - min) / levels), covers the group. Steps down to half of it are
+    tried too: each clips the group's two tails equally, and the one with the least error wins
+    (ties: the wider step). For INT2 the best clips about a quarter of the range; for INT4 it
+    rarely clips. The zero is lowered where needed so the top code expands to at most 127.
+    """
+    lo, hi = groups.min(-2), groups.max(-2)
+    widest = np.maximum(1, -(-(hi - lo) // levels))
+    best_step, best_err = widest, np.full(widest.shape, np.inf)
+    for narrower in range(int((widest // 2).max()) + 1):
+        step = np.maximum(widest - narrower, 1)  # below 1: a repeat of step 1, never better
+        zero = _zero_point(lo, hi, step, levels)
+        back = _encode(groups, step[..., None, :], zero[..., None, :], levels) * step[..., None, :] + zero[..., None, :]
+        err = ((back - groups) ** 2).sum(-2)
+        better = (2 * step >= widest) & (err < best_err)
+        best_step, best_err = np.where(better, step, best_step), np.where(better, err, best_err)
+    return best_step, _zero_point(lo, hi, best_step, levels)
+
+
+def _zero_point(lo, hi, step, levels):
+    """Centre the grid on a clipped range; never let the top code expand above 127.
+
+    (levels * step <= 255 and the grid starts at or below the minimum, so zero fits int8.)
+    """
+    return np.minimum(lo + np.maximum(0, hi - lo - levels * step) // 2, INT8_MAX - levels * step)
+
+
+def _encode(x, step, zero, levels):
+    """clamp(round_half_even((x - zero) / step), 0, levels) in integers; step >= 1."""
+    quot, rem = (x - zero) // step, (x - zero) % step
+    round_up = (2 * rem > step) | ((2 * rem == step) & (quot % 2 == 1))
+    return np.clip(quot + round_up, 0, levels)
+
+
+def decompress_int8(code, step, zero, kept=None):
+    """INT{bits} -> INT8: code * step + zero (linear: never above 127), or kept[zero] where step == 0."""
     b, h, length, d = code.shape
-    blocks = code.reshape(b, h, length // QUANT_BLOCK, QUANT_BLOCK, d).astype(np.int64)
-    x = blocks * step[:, :, :, None].astype(np.int64) + zero[:, :, :, None].astype(np.int64)
-    return np.minimum(x, INT8_MAX).reshape(b, h, length, d).astype(np.int8)
+    nblk, per_block = length // QUANT_BLOCK, QUANT_BLOCK // CACHE_GROUP
+    step, zero = step.astype(np.int64)[..., None, :], zero.astype(np.int64)[..., None, :]
+    x = code.reshape(b, h, nblk, per_block, CACHE_GROUP, d).astype(np.int64) * step + zero
+    if kept is not None and kept.shape[-1]:
+        kept = kept.reshape(b, h, nblk, per_block, CACHE_GROUP, -1).astype(np.int64)
+        slot = np.broadcast_to(np.clip(zero, 0, kept.shape[-1] - 1), x.shape)
+        x = np.where(step == 0, np.take_along_axis(kept, slot, axis=-1), x)
+    return x.reshape(b, h, length, d).astype(np.int8)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -218,11 +263,11 @@ def build_cache(k, v, head_bits, k_mean=None):
     v8, vs = quantize_int8(v)
     length = k8.shape[2]
     compressed_len = (length // QUANT_BLOCK) * QUANT_BLOCK
-    for x8 in (k8, v8):
+    for x8, outliers in ((k8, CACHE_K_OUTLIERS), (v8, 0)):
         for head, bits in enumerate(head_bits):
             part = x8[:, head : head + 1, :compressed_len]
             if compressed_len:
-                x8[:, head : head + 1, :compressed_len] = decompress_int8(*compress_int8(part, int(bits)))
+                x8[:, head : head + 1, :compressed_len] = decompress_int8(*compress_int8(part, int(bits), outliers))
     return ReferenceCache(k8, ks, v8, vs, compressed_len)
 
 

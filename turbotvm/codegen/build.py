@@ -60,19 +60,31 @@ class CompiledKernels:
         return self.module.mod.imports[0].inspect_source()
 
 
-def schedule_module(funcs: dict, target, progress: bool = False) -> tvm.IRModule:
+def schedule_module(funcs: dict, target, progress: bool = False, tuning_log=None) -> tvm.IRModule:
+    """Each kernel scheduled: by its best record in ``tuning_log`` if it has one, else by hand."""
+    tuned = {}
+    if tuning_log is not None:
+        from ..tuning.lookup import tuned_kernels
+
+        tuned = tuned_kernels(tuning_log, funcs, target)
     schedule = schedule_for(target)
-    sch = s_tir.Schedule(tvm.IRModule(funcs))
+    sch = s_tir.Schedule(tvm.IRModule({name: f for name, f in funcs.items() if name not in tuned}))
     for name in tqdm(funcs, desc="schedule", unit="kernel", disable=not progress, leave=False):
-        schedule(sch, name, target)
-    return sch.mod
+        if name not in tuned:
+            schedule(sch, name, target)
+    if not tuned:
+        return sch.mod
+    scheduled = {gv.name_hint: f for gv, f in sch.mod.functions_items()}
+    return tvm.IRModule({name: tuned.get(name, scheduled.get(name)) for name in funcs})
 
 
-def build(target="llvm", config: KernelSetConfig | None = None, progress: bool = False) -> CompiledKernels:
+def build(target="llvm", config: KernelSetConfig | None = None, progress: bool = False,
+          tuning_log=None) -> CompiledKernels:
+    """``tuning_log``: a directory written by ``turbotvm tune`` (or its parent of per-arch folders)."""
     target = make_target(target)
     config = config or KernelSetConfig()
     kernel_set = make_kernel_set(config, target.kind.name)
-    mod = schedule_module(kernel_set.funcs, target, progress)
+    mod = schedule_module(kernel_set.funcs, target, progress, tuning_log)
     if progress:
         tqdm.write(f"compiling {len(kernel_set.funcs)} kernels for {target.kind.name} ...")
     executable = tvm.compile(mod, target=target)

@@ -30,7 +30,7 @@ KEY_FILE = "key.json"
 _PACKAGE = Path(__file__).resolve().parent.parent
 #: The sources that decide the compiled code: editing one of them invalidates older entries.
 _SOURCES = ("algorithm.py", "kernel_set.py", "kernels/**/*.py", "schedules/**/*.py", "codegen/build.py",
-            "codegen/export.py")
+            "codegen/export.py", "tuning/lookup.py", "tuning/variants.py")
 _TEMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
 #: Temporary or half-removed directories older than this were left by a killed process.
 _STALE_SECONDS = 24 * 3600
@@ -71,7 +71,7 @@ def _host_cpu() -> str:
         return platform.processor() or "unknown"
 
 
-def cache_key(target, config: KernelSetConfig) -> dict:
+def cache_key(target, config: KernelSetConfig, tuning_log=None) -> dict:
     """Everything the binary of an entry depends on; two builds share an entry only if all of it matches.
 
     - ``target``: the full target string (kind, CUDA arch, LLVM triple, cores), plus the host machine
@@ -79,9 +79,11 @@ def cache_key(target, config: KernelSetConfig) -> dict:
     - ``versions``: TVM, apache-tvm-ffi and turbotvm (codegen and runtime ABI).
     - ``source_sha256``: the kernel/schedule/codegen sources, so that editing a kernel invalidates it.
     - ``config``: the shape bucket (head dims, dtypes); batch, heads and sequence stay symbolic.
+    - ``tuning_log`` (only with one): SHA-256 of the log files the build reads, so a re-tuned log
+      gives a new entry.
     """
     target = make_target(target)
-    return {
+    key = {
         "format": CACHE_FORMAT,
         "target": str(target),
         "host": {"machine": platform.machine(), "cpu": _host_cpu()},
@@ -89,6 +91,11 @@ def cache_key(target, config: KernelSetConfig) -> dict:
         "source_sha256": source_hash(),
         "config": config.to_json(),
     }
+    if tuning_log is not None:
+        from ..tuning.lookup import log_hash
+
+        key["tuning_log_sha256"] = log_hash(tuning_log, target)
+    return key
 
 
 def entry_name(target, config: KernelSetConfig, key: dict | None = None) -> str:
@@ -102,8 +109,8 @@ def entry_name(target, config: KernelSetConfig, key: dict | None = None) -> str:
 
 
 def load_or_build(target="llvm", config: KernelSetConfig | None = None, cache_dir=None,
-                  progress: bool = False) -> CompiledKernels:
-    """The kernel set for (target, config): loaded from the cache, else built, stored and loaded."""
+                  progress: bool = False, tuning_log=None) -> CompiledKernels:
+    """The kernel set for (target, config[, tuning_log]): loaded from the cache, else built, stored and loaded."""
     target = make_target(target)
     config = KernelSetConfig() if config is None else config
     if not isinstance(config, KernelSetConfig):
@@ -113,13 +120,13 @@ def load_or_build(target="llvm", config: KernelSetConfig | None = None, cache_di
                            "(use build() or emit_cuda_source() for the source alone)")
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(target, config)
+    key = cache_key(target, config, tuning_log)
     entry = cache_dir / entry_name(target, config, key)
     if entry.exists() and (cached := _load_entry(entry, key, config)) is not None:
         return cached
 
     _remove_stale(cache_dir)
-    compiled = build(target, config, progress)
+    compiled = build(target, config, progress, tuning_log)
     temp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{entry.name}-", dir=cache_dir))
     try:
         export(compiled, temp)

@@ -1,33 +1,42 @@
 """Decode attention over the compressed cache, split along the sequence (flash-decoding).
 
 ``decode_split(D, bits)`` covers one group of KV heads stored at ``bits`` (2 or 4: packed codes
-expanded to INT8 on the fly; 8: the INT8 buffer of recent tokens, whose step/zero arguments
-are unused placeholders of shape [B, HG, 1, D]). The code tensors may hold more rows than
+expanded to INT8 on the fly, kept outlier channels read verbatim, see kv_compress; 8: the INT8
+buffer of recent tokens, whose step/zero arguments are unused placeholders of shape [B, HG, 1, D]). The code tensors may hold more rows than
 ``length`` (a cache's spare capacity); only the first ``length`` tokens are read. Tile = (batch, KV head of
 the group, query head of its GQA group, split); it writes an unnormalised partial state
 (acc, m, l) into slot ``slot_offset + split``. ``decode_merge(D)`` combines the slots with SAS
 weights (docs/algorithm.md §5). Same tile math as prefill, with one query row.
 """
 
+from tvm import ir, tirx
 from tvm.script import tirx as T
 
-from ..algorithm import INT8_MAX, QUANT_BLOCK, codes_per_byte
-from .kv_compress import expand, unpack_code
+from ..algorithm import INT8_MAX, QUANT_BLOCK
+from .kv_compress import GROUPS_PER_BLOCK, load_int8
 from .sas import NEG_BIG, sas_exp
 
 BK = QUANT_BLOCK
 
 
-def _load_int8(codes, step, zero, b, g, t, d, bits):
+def _load_int8(codes, step, zero, b, g, t, d, bits, head_dim, code_width):
     if bits == 8:
         return T.Cast("int32", codes[b, g, t, d])
-    return expand(unpack_code(codes, b, g, t, d, bits), step[b, g, t // BK, d], zero[b, g, t // BK, d])
+    return load_int8(codes, step, zero, b, g, t, d, bits, head_dim, code_width)
+
+
+def _whole(buf):
+    """The whole of ``buf`` as a read region (step/zero differ in rank between the variants)."""
+    return tirx.BufferRegion(buf, [ir.Range.from_min_extent(0, n) for n in buf.shape])
 
 
 def decode_split(head_dim: int, bits: int):
     D = head_dim
     code_dtype = "int8" if bits == 8 else "uint8"
-    code_width = D if bits == 8 else D // codes_per_byte(bits)
+
+    def step_shape(B, HG, NP):
+        """Packed groups: one step/zero per (64-token block, stage-2 group, channel)."""
+        return (B, HG, NP, D) if bits == 8 else (B, HG, NP, GROUPS_PER_BLOCK, D)
 
     @T.prim_func(s_tir=True)
     def decode_split_func(q_h: T.handle, q_scale_h: T.handle, heads_h: T.handle,
@@ -37,16 +46,17 @@ def decode_split(head_dim: int, bits: int):
                           sm_scale: T.float32, group_size: T.int64, num_splits: T.int64, slot_offset: T.int64,
                           length: T.int64):
         B, H, HG, L, NB, NP, S = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        KW, VW = T.int64(), T.int64()  # bytes per token row: packed codes (+ K's kept channels)
         q = T.match_buffer(q_h, (B, H, 1, D), "int8")
         q_scale = T.match_buffer(q_scale_h, (B, H, 1), "float32")
         heads = T.match_buffer(heads_h, (HG,), "int32")
-        k_codes = T.match_buffer(k_codes_h, (B, HG, L, code_width), code_dtype)
-        k_step = T.match_buffer(k_step_h, (B, HG, NP, D), "uint8")
-        k_zero = T.match_buffer(k_zero_h, (B, HG, NP, D), "int8")
+        k_codes = T.match_buffer(k_codes_h, (B, HG, L, KW), code_dtype)
+        k_step = T.match_buffer(k_step_h, step_shape(B, HG, NP), "uint8")
+        k_zero = T.match_buffer(k_zero_h, step_shape(B, HG, NP), "int8")
         k_scale = T.match_buffer(k_scale_h, (B, HG, NB), "float32")
-        v_codes = T.match_buffer(v_codes_h, (B, HG, L, code_width), code_dtype)
-        v_step = T.match_buffer(v_step_h, (B, HG, NP, D), "uint8")
-        v_zero = T.match_buffer(v_zero_h, (B, HG, NP, D), "int8")
+        v_codes = T.match_buffer(v_codes_h, (B, HG, L, VW), code_dtype)
+        v_step = T.match_buffer(v_step_h, step_shape(B, HG, NP), "uint8")
+        v_zero = T.match_buffer(v_zero_h, step_shape(B, HG, NP), "int8")
         v_scale = T.match_buffer(v_scale_h, (B, HG, NB), "float32")
         o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
         m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
@@ -55,9 +65,9 @@ def decode_split(head_dim: int, bits: int):
             with T.sblock("tile"):
                 vb, vg, vr, vs = T.axis.remap("SSSS", [b, g, r, s])
                 T.reads(q[vb, 0:H, 0, 0:D], q_scale[vb, 0:H, 0], heads[0:HG],
-                        k_codes[vb, vg, 0:L, 0:code_width], k_step[vb, vg, 0:NP, 0:D], k_zero[vb, vg, 0:NP, 0:D],
-                        k_scale[vb, vg, 0:NB], v_codes[vb, vg, 0:L, 0:code_width], v_step[vb, vg, 0:NP, 0:D],
-                        v_zero[vb, vg, 0:NP, 0:D], v_scale[vb, vg, 0:NB])
+                        k_codes[vb, vg, 0:L, 0:KW], _whole(k_step), _whole(k_zero),
+                        k_scale[vb, vg, 0:NB], v_codes[vb, vg, 0:L, 0:VW], _whole(v_step),
+                        _whole(v_zero), v_scale[vb, vg, 0:NB])
                 T.writes(o_part[vb, 0:H, 0:S, 0:D], m_part[vb, 0:H, 0:S], l_part[vb, 0:H, 0:S])
                 k_tile = T.sblock_alloc_buffer((BK, D), "int8")
                 v_tile = T.sblock_alloc_buffer((BK, D), "int8")
@@ -85,7 +95,7 @@ def decode_split(head_dim: int, bits: int):
                             vj, vd = T.axis.remap("SS", [j, d])
                             T.where((first + kt) * BK + j < length)
                             k_tile[vj, vd] = T.Cast("int8", _load_int8(
-                                k_codes, k_step, k_zero, vb, vg, (first + vkt) * BK + vj, vd, bits))
+                                k_codes, k_step, k_zero, vb, vg, (first + vkt) * BK + vj, vd, bits, D, KW))
                     for j, d in T.grid(BK, D):
                         with T.sblock("qk"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
@@ -135,7 +145,7 @@ def decode_split(head_dim: int, bits: int):
                             vj, vd = T.axis.remap("SS", [j, d])
                             T.where((first + kt) * BK + j < length)
                             v_tile[vj, vd] = T.Cast("int8", _load_int8(
-                                v_codes, v_step, v_zero, vb, vg, (first + vkt) * BK + vj, vd, bits))
+                                v_codes, v_step, v_zero, vb, vg, (first + vkt) * BK + vj, vd, bits, D, VW))
                     for d, j in T.grid(D, BK):
                         with T.sblock("pv"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)

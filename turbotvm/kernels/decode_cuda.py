@@ -16,7 +16,8 @@ A CTA of 128 threads owns one (split, batch, query head) and walks its 64-token 
 
 from tvm.script import tirx as T
 
-from ..algorithm import INT8_MAX, QUANT_BLOCK, codes_per_byte
+from ..algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK, codes_per_byte
+from .kv_compress import GROUPS_PER_BLOCK
 from .sas import NEG_BIG, sas_exp
 
 BK = QUANT_BLOCK
@@ -35,6 +36,11 @@ def _pack4(b0, b1, b2, b3):
 
 
 def decode_split_cuda(head_dim: int, bits: int):
+    """decode_split for the INT8 buffer of recent tokens (bits = 8): expands rows into shared memory.
+
+    Packed 2/4-bit groups go through ``decode_split_packed``, which never expands.
+    """
+    assert bits == 8, "2/4-bit groups: decode_split_packed"
     D = head_dim
     per_byte = 1 if bits == 8 else codes_per_byte(bits)
     code_width = D // per_byte  # bytes per token
@@ -243,24 +249,29 @@ def decode_merge_cuda(head_dim: int, out_dtype: str):
 def decode_split_packed(head_dim: int, bits: int):
     """decode_split for a 2/4-bit group, computed on the packed codes without expanding them.
 
-    Expansion is linear (x8 = code * step + zero: compression caps codes so it never exceeds 127),
-    so per 64-token tile, with q' = q * step per channel:
-      Q·Kᵀ: s_j = Σ_d q'_d code_jd + Σ_d q_d zero_d  -> __dp4a on code bytes, q' split in hi*128 + lo;
-      P·V:  pv_d = step_d Σ_j p_j code_jd + zero_d Σ_j p_j -> SIMD-in-a-register: one multiply-add
-            accumulates p_j * code for two channels in the 16-bit halves of a word.
+    Expansion is linear (x8 = code * step + zero: compression keeps the top code at or below 127),
+    so per stage-2 group of 32 tokens, with q' = q * step per channel:
+      Q·Kᵀ: s_j = Σ_d q'_d code_jd + Σ_(d: step > 0) q_d zero_d + Σ_slots q_d(slot) kept_j,slot
+            -> __dp4a on code bytes (q' split as hi * 128 + lo), one more for K's kept INT8 channels
+            (step 0, zero = slot, byte = x8 + 128 after the packed codes; see kv_compress.py);
+      P·V:  pv_d = Σ_groups step_d Σ_j p_j code_jd + zero_d Σ_j p_j -> SIMD in a register: one
+            multiply-add accumulates p_j * code for two channels in the 16-bit halves of a word.
     About 6x fewer instructions per tile than expanding to INT8, which is what decode's bandwidth needs.
     """
     D = head_dim
     per_word = 32 // bits  # codes per int32 word
-    WPR = D // per_word  # words per token row
+    WPR = D // per_word  # packed words per token row
+    KEPT_WORDS = CACHE_K_OUTLIERS // 4  # K rows end with the kept channels' bytes (V rows do not)
     SPREAD = 8 // bits  # byte vectors per word: (w >> bits*k) & 0x..03/0F.. holds codes k, k+8/b, ...
     LANES = 16 // bits  # 16-bit SIMD vectors per word: codes k and k + 16/bits
     mask = 2**bits - 1
     byte_mask = mask * 0x01010101
     lane_mask = mask | (mask << 16)
-    QK_WORDS = WPR // 2  # words of a token row each of its two threads reads
+    QK_WORDS = WPR // 2  # packed words of a token row each of its two threads reads
     NTG = THREADS // WPR  # token groups in P·V
-    PV_TOKENS = BK // NTG  # tokens per thread in P·V
+    PV_TOKENS = BK // NTG  # tokens per thread in P·V (the first half in stage-2 group 0)
+    QS_WORDS = D // 4  # q' words per stage-2 group
+    assert CACHE_K_OUTLIERS % 4 == 0 and GROUPS_PER_BLOCK == 2 and NTG * PV_TOKENS // 2 == CACHE_GROUP
 
     def qs_channel(u, i):
         """Channel of byte i of q' word u = (packed word u // SPREAD, spread u % SPREAD)."""
@@ -277,43 +288,45 @@ def decode_split_packed(head_dim: int, bits: int):
         q = T.match_buffer(q_h, (B, H, 1, D), "int8")
         q_scale = T.match_buffer(q_scale_h, (B, H, 1), "float32")
         heads = T.match_buffer(heads_h, (HG,), "int32")
-        k_codes = T.match_buffer(k_codes_h, (B, HG, L, D * bits // 8), "uint8")
-        k_step = T.match_buffer(k_step_h, (B, HG, NP, D), "uint8")
-        k_zero = T.match_buffer(k_zero_h, (B, HG, NP, D), "int8")
+        k_codes = T.match_buffer(k_codes_h, (B, HG, L, (WPR + KEPT_WORDS) * 4), "uint8")
+        k_step = T.match_buffer(k_step_h, (B, HG, NP, GROUPS_PER_BLOCK, D), "uint8")
+        k_zero = T.match_buffer(k_zero_h, (B, HG, NP, GROUPS_PER_BLOCK, D), "int8")
         k_scale = T.match_buffer(k_scale_h, (B, HG, NB), "float32")
-        v_codes = T.match_buffer(v_codes_h, (B, HG, L, D * bits // 8), "uint8")
-        v_step = T.match_buffer(v_step_h, (B, HG, NP, D), "uint8")
-        v_zero = T.match_buffer(v_zero_h, (B, HG, NP, D), "int8")
+        v_codes = T.match_buffer(v_codes_h, (B, HG, L, WPR * 4), "uint8")
+        v_step = T.match_buffer(v_step_h, (B, HG, NP, GROUPS_PER_BLOCK, D), "uint8")
+        v_zero = T.match_buffer(v_zero_h, (B, HG, NP, GROUPS_PER_BLOCK, D), "int8")
         v_scale = T.match_buffer(v_scale_h, (B, HG, NB), "float32")
         o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
         m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
         l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
-        k_w = T.decl_buffer((B, HG, L, WPR), "int32", data=k_codes.data)
+        k_w = T.decl_buffer((B, HG, L, WPR + KEPT_WORDS), "int32", data=k_codes.data)
         v_w = T.decl_buffer((B, HG, L, WPR), "int32", data=v_codes.data)
         for split in T.thread_binding(num_splits, thread="blockIdx.x"):
             for by in T.thread_binding(B * HG * group_size, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     with T.sblock("decode_tile"):
                         T.reads(q[0:B, 0:H, 0, 0:D], q_scale[0:B, 0:H, 0], heads[0:HG],
-                                k_w[0:B, 0:HG, 0:L, 0:WPR], k_step[0:B, 0:HG, 0:NP, 0:D], k_zero[0:B, 0:HG, 0:NP, 0:D],
-                                k_scale[0:B, 0:HG, 0:NB], v_w[0:B, 0:HG, 0:L, 0:WPR], v_step[0:B, 0:HG, 0:NP, 0:D],
-                                v_zero[0:B, 0:HG, 0:NP, 0:D], v_scale[0:B, 0:HG, 0:NB])
+                                k_w[0:B, 0:HG, 0:L, 0:WPR + KEPT_WORDS], k_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
+                                k_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], k_scale[0:B, 0:HG, 0:NB],
+                                v_w[0:B, 0:HG, 0:L, 0:WPR], v_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
+                                v_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], v_scale[0:B, 0:HG, 0:NB])
                         T.writes(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
                         q_sh = T.sblock_alloc_buffer((D,), "int32", scope="shared")
-                        qs_lo = T.sblock_alloc_buffer((D // 4,), "int32", scope="shared")
-                        qs_hi = T.sblock_alloc_buffer((D // 4,), "int32", scope="shared")
+                        qs_lo = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
+                        qs_hi = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
+                        q_kept = T.sblock_alloc_buffer((CACHE_K_OUTLIERS,), "int32", scope="shared")
                         p_sh = T.sblock_alloc_buffer((BK,), "int32", scope="shared")
-                        pv_red = T.sblock_alloc_buffer((NTG * D,), "int32", scope="shared")
-                        red = T.sblock_alloc_buffer((3 * WARPS,), "float32", scope="shared")  # c0, max, P sum
-                        k_vec = T.sblock_alloc_buffer((QK_WORDS,), "int32", scope="local")
-                        k_reg = T.sblock_alloc_buffer((QK_WORDS,), "int32", scope="local")
+                        pv_red = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * NTG * D,), "int32", scope="shared")
+                        # per warp: Σ q·zero of group 0 and of group 1, tile max, P sum
+                        red = T.sblock_alloc_buffer((4 * WARPS,), "float32", scope="shared")
+                        k_reg = T.sblock_alloc_buffer((QK_WORDS + KEPT_WORDS,), "int32", scope="local")
                         v_reg = T.sblock_alloc_buffer((PV_TOKENS,), "int32", scope="local")
-                        simd = T.sblock_alloc_buffer((LANES,), "int32", scope="local")
+                        simd = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * LANES,), "int32", scope="local")
                         qsw = T.sblock_alloc_buffer((2,), "int32", scope="local")
                         s_acc = T.sblock_alloc_buffer((2,), "int32", scope="local")  # hi, lo
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        # m, l, score, tile max, rescale, P scale, 1 / P scale, c0, P sum
-                        st = T.sblock_alloc_buffer((9,), "float32", scope="local")
+                        # m, l, score, tile max, rescale, P scale, 1 / P scale, Σ q·zero (x2), P sum (x2)
+                        st = T.sblock_alloc_buffer((11,), "float32", scope="local")
                         code = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         pv_code = T.sblock_alloc_buffer((1,), "int32", scope="local")
 
@@ -326,6 +339,7 @@ def decode_split_packed(head_dim: int, bits: int):
                         last: T.let[T.int32] = T.min(first + per_split, n_tiles)
                         token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
                         half: T.let[T.int32] = tx % 2
+                        grp: T.let[T.int32] = tx // (2 * CACHE_GROUP)  # the token's stage-2 group
                         word_col: T.let[T.int32] = tx % WPR  # P·V: one packed word column, tokens tg + NTG*i
                         tg: T.let[T.int32] = tx // WPR
 
@@ -337,35 +351,43 @@ def decode_split_packed(head_dim: int, bits: int):
                         for kt in T.serial(last - first):
                             T.tvm_storage_sync("shared")
                             # ---- this tile's codes to registers (their latency overlaps the q' set-up)
-                            for i4 in T.unroll(T.max(QK_WORDS // 4, 1)):
-                                for w in T.vectorized(T.min(QK_WORDS, 4)):
-                                    k_vec[i4 * 4 + w] = T.if_then_else(
-                                        (first + kt) * BK + token < length,
-                                        k_w[b, g, (first + kt) * BK + token, half * QK_WORDS + i4 * 4 + w], 0)
                             for i in T.unroll(QK_WORDS):
-                                k_reg[i] = k_vec[i]
+                                k_reg[i] = T.if_then_else((first + kt) * BK + token < length,
+                                                          k_w[b, g, (first + kt) * BK + token, half * QK_WORDS + i], 0)
+                            for i in T.unroll(KEPT_WORDS):
+                                k_reg[QK_WORDS + i] = T.if_then_else(
+                                    T.And((first + kt) * BK + token < length, half == 1),
+                                    T.bitwise_xor(k_w[b, g, (first + kt) * BK + token, WPR + i], -2139062144), 0)
                             for i in T.unroll(PV_TOKENS):
                                 v_reg[i] = T.if_then_else((first + kt) * BK + tg + NTG * i < length,
                                                           v_w[b, g, (first + kt) * BK + tg + NTG * i, word_col], 0)
-                            # ---- q' = q * step as hi * 128 + lo bytes, in the byte order of the spread codes
-                            if tx < D // 4:
+                            # ---- q' = q * step (0 on kept channels) as hi * 128 + lo bytes, per group
+                            if tx < GROUPS_PER_BLOCK * QS_WORDS:
                                 qsw[0] = 0
                                 qsw[1] = 0
                                 for i in T.unroll(4):
                                     qsw[0] = qsw[0] | T.shift_left(T.bitwise_and(
-                                        q_sh[qs_channel(tx, i)] * T.Cast("int32", k_step[b, g, first + kt, qs_channel(tx, i)]),
-                                        127), 8 * i)
+                                        q_sh[qs_channel(tx % QS_WORDS, i)] * T.Cast("int32", k_step[
+                                            b, g, first + kt, tx // QS_WORDS, qs_channel(tx % QS_WORDS, i)]), 127), 8 * i)
                                     qsw[1] = qsw[1] | T.shift_left(T.bitwise_and(T.shift_right(
-                                        q_sh[qs_channel(tx, i)] * T.Cast("int32", k_step[b, g, first + kt, qs_channel(tx, i)]),
-                                        7), 255), 8 * i)
+                                        q_sh[qs_channel(tx % QS_WORDS, i)] * T.Cast("int32", k_step[
+                                            b, g, first + kt, tx // QS_WORDS, qs_channel(tx % QS_WORDS, i)]), 7), 255), 8 * i)
                                 qs_lo[tx] = qsw[0]
                                 qs_hi[tx] = qsw[1]
+                            # Σ q·zero over coded channels, per group; kept channels hand q to their slot
                             st[7] = T.float32(0)
+                            st[8] = T.float32(0)
                             if tx < D:
-                                st[7] = T.Cast("float32", q_sh[tx] * T.Cast("int32", k_zero[b, g, first + kt, tx]))
-                            st[7] = T.cuda.warp_reduce(st[7], "sum", 32)
-                            if tx % 32 == 0:
-                                red[tx // 32] = st[7]
+                                for gi in T.unroll(GROUPS_PER_BLOCK):
+                                    st[7 + gi] = T.Cast("float32", T.if_then_else(
+                                        k_step[b, g, first + kt, gi, tx] > T.uint8(0),
+                                        q_sh[tx] * T.Cast("int32", k_zero[b, g, first + kt, gi, tx]), 0))
+                                if k_step[b, g, first + kt, 0, tx] == T.uint8(0):
+                                    q_kept[T.Cast("int32", k_zero[b, g, first + kt, 0, tx])] = q_sh[tx]
+                            for gi in T.unroll(GROUPS_PER_BLOCK):
+                                st[7 + gi] = T.cuda.warp_reduce(st[7 + gi], "sum", 32)
+                                if tx % 32 == 0:
+                                    red[gi * WARPS + tx // 32] = st[7 + gi]
                             T.tvm_storage_sync("shared")
 
                             # ---- Q·Kᵀ on the packed codes; the token's two threads add their halves
@@ -373,23 +395,28 @@ def decode_split_packed(head_dim: int, bits: int):
                             s_acc[1] = 0
                             for i in T.unroll(QK_WORDS):
                                 for k in T.unroll(SPREAD):
-                                    s_acc[0] = _dp4a(qs_hi[(half * QK_WORDS + i) * SPREAD + k],
+                                    s_acc[0] = _dp4a(qs_hi[grp * QS_WORDS + (half * QK_WORDS + i) * SPREAD + k],
                                                      T.bitwise_and(T.shift_right(k_reg[i], bits * k), byte_mask), s_acc[0])
-                                    s_acc[1] = _dp4a(qs_lo[(half * QK_WORDS + i) * SPREAD + k],
+                                    s_acc[1] = _dp4a(qs_lo[grp * QS_WORDS + (half * QK_WORDS + i) * SPREAD + k],
                                                      T.bitwise_and(T.shift_right(k_reg[i], bits * k), byte_mask), s_acc[1])
                             s_acc[0] = s_acc[0] * 128 + s_acc[1]
+                            for i in T.unroll(KEPT_WORDS):  # zero on the half == 0 thread
+                                s_acc[0] = _dp4a(_pack4(*[q_kept[4 * i + c] for c in range(4)]), k_reg[QK_WORDS + i],
+                                                 s_acc[0])
                             s_acc[0] = s_acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_acc[0], 1, 32, 32)
-                            st[7] = red[0] + red[1] + red[2] + red[3]  # Σ q·zero (exact: small integers)
+                            st[7] = T.if_then_else(grp == 0, red[0] + red[1] + red[2] + red[3],
+                                                   red[WARPS] + red[WARPS + 1] + red[WARPS + 2] + red[WARPS + 3])
                             st[2] = T.if_then_else((first + kt) * BK + token < length,
                                                    (T.Cast("float32", s_acc[0]) + st[7]) * q_scale[b, hq, 0]
                                                    * k_scale[b, g, first + kt] * sm_scale, T.float32(NEG_BIG))
                             st[3] = T.cuda.warp_reduce(st[2], "max", 32)
                             if tx % 32 == 0:
-                                red[WARPS + tx // 32] = st[3]
+                                red[2 * WARPS + tx // 32] = st[3]
                             T.tvm_storage_sync("shared")
 
                             # ---- SAS online softmax over the tile; P codes to shared memory
-                            st[3] = T.max(T.max(red[WARPS], red[WARPS + 1]), T.max(red[WARPS + 2], red[WARPS + 3]))
+                            st[3] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]),
+                                          T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
                             st[4] = sas_exp(st[0] - T.max(st[0], st[3]))
                             st[5] = sas_exp(st[3] - T.max(st[0], st[3])) / T.float32(INT8_MAX)
                             st[0] = T.max(st[0], st[3])
@@ -400,31 +427,39 @@ def decode_split_packed(head_dim: int, bits: int):
                                 0)
                             if half == 0:
                                 p_sh[token] = code[0]
-                            st[8] = T.cuda.warp_reduce(T.Cast("float32", T.if_then_else(half == 0, code[0], 0)), "sum", 32)
+                            st[9] = T.cuda.warp_reduce(T.Cast("float32", T.if_then_else(half == 0, code[0], 0)), "sum", 32)
                             if tx % 32 == 0:
-                                red[2 * WARPS + tx // 32] = st[8]
+                                red[3 * WARPS + tx // 32] = st[9]
                             T.tvm_storage_sync("shared")
 
                             # ---- P·V on the packed codes: two channels per multiply-add (16-bit halves)
-                            for k in T.unroll(LANES):
+                            for k in T.unroll(GROUPS_PER_BLOCK * LANES):
                                 simd[k] = 0
                             for i in T.unroll(PV_TOKENS):
                                 for k in T.unroll(LANES):
-                                    simd[k] = simd[k] + p_sh[tg + NTG * i] * T.bitwise_and(
-                                        T.shift_right(v_reg[i], bits * k), lane_mask)
-                            for k in T.unroll(LANES):
-                                pv_red[tg * D + word_col * per_word + k] = T.bitwise_and(simd[k], 65535)
-                                pv_red[tg * D + word_col * per_word + k + LANES] = T.shift_right(simd[k], 16)
+                                    simd[i // (PV_TOKENS // 2) * LANES + k] = simd[i // (PV_TOKENS // 2) * LANES + k] + \
+                                        p_sh[tg + NTG * i] * T.bitwise_and(T.shift_right(v_reg[i], bits * k), lane_mask)
+                            for gi in T.unroll(GROUPS_PER_BLOCK):
+                                for k in T.unroll(LANES):
+                                    pv_red[(gi * NTG + tg) * D + word_col * per_word + k] = T.bitwise_and(
+                                        simd[gi * LANES + k], 65535)
+                                    pv_red[(gi * NTG + tg) * D + word_col * per_word + k + LANES] = T.shift_right(
+                                        simd[gi * LANES + k], 16)
                             T.tvm_storage_sync("shared")
                             if tx < D:
-                                pv_code[0] = 0
-                                for t in T.unroll(NTG):
-                                    pv_code[0] = pv_code[0] + pv_red[t * D + tx]
-                                st[8] = red[2 * WARPS] + red[2 * WARPS + 1] + red[2 * WARPS + 2] + red[2 * WARPS + 3]
-                                acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, first + kt] * (
-                                    T.Cast("float32", pv_code[0] * T.Cast("int32", v_step[b, g, first + kt, tx]))
-                                    + T.Cast("float32", v_zero[b, g, first + kt, tx]) * st[8])
-                                st[1] = st[1] * st[4] + st[5] * st[8]
+                                # P sums: warps 0-1 hold the tokens of group 0, warps 2-3 those of group 1
+                                st[9] = red[3 * WARPS] + red[3 * WARPS + 1]
+                                st[10] = red[3 * WARPS + 2] + red[3 * WARPS + 3]
+                                st[7] = T.float32(0)
+                                for gi in T.unroll(GROUPS_PER_BLOCK):
+                                    pv_code[0] = 0
+                                    for t in T.unroll(NTG):
+                                        pv_code[0] = pv_code[0] + pv_red[(gi * NTG + t) * D + tx]
+                                    st[7] = st[7] + T.Cast("float32", pv_code[0] * T.Cast(
+                                        "int32", v_step[b, g, first + kt, gi, tx])) + T.Cast(
+                                        "float32", v_zero[b, g, first + kt, gi, tx]) * st[9 + gi]
+                                acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, first + kt] * st[7]
+                                st[1] = st[1] * st[4] + st[5] * (st[9] + st[10])
                         if tx < D:
                             o_part[b, hq, slot_offset + split, tx] = acc[0]
                         if tx == 0:

@@ -1,62 +1,151 @@
 """FlashQ stage 2: INT8 KV blocks <-> packed INT4/INT2 codes with integer step and zero point.
 
-Per (batch, head, 64-token block, channel): step = max(1, ceil((max-min)/levels)),
-zero = min(min, 127 - levels * step) (so the top code expands to at most 127: no clamp needed),
-code = round_half_even((x - zero) / step) in integers (docs/algorithm.md §2). Codes of one token
-are packed along the channel axis, low bits first: byte i holds channels i*k .. i*k+k-1, k = 8/bits.
-The kernels gather a group of heads (all heads of one bit width) through ``heads``.
+Per (batch, head, CACHE_GROUP tokens, channel) an integer step and zero point: of the steps from
+ceil((max - min) / levels) down to half of it, the one with the least squared error; the zero
+centres the grid on the clipped range and is lowered so the top code expands to at most 127.
+code = clamp(round_half_even((x - zero) / step), 0, levels) in integers (docs/algorithm.md §2).
+
+Per 64-token block, the ``n_out`` widest channels (K's outlier channels) are kept verbatim: their
+step is 0 and their zero is a slot number; slot o of token t is byte ``D / per_byte + o`` of the
+token's code row, holding x8 + 128. ``n_out`` is not a parameter: it is the width of the code rows
+beyond the packed codes (CACHE_K_OUTLIERS for K, 0 for V), so K and V share the kernels.
+
+Layouts: codes [B, HG, L, D / per_byte + n_out] uint8, low bits first (byte i holds channels
+i*k .. i*k+k-1, k = 8/bits); step, zero [B, HG, L/64, 64/CACHE_GROUP, D]. The kernels gather a
+group of heads (all heads of one bit width) through ``heads``.
 """
 
 from tvm.script import tirx as T
 
-from ..algorithm import INT8_MAX, QUANT_BLOCK, codes_per_byte
+from ..algorithm import CACHE_GROUP, INT8_MAX, QUANT_BLOCK, SUPPORTED_HEAD_DIMS, codes_per_byte
 
 BLK = QUANT_BLOCK
+GROUP = CACHE_GROUP
+GROUPS_PER_BLOCK = QUANT_BLOCK // CACHE_GROUP
+MAX_D = max(SUPPORTED_HEAD_DIMS)  # size of per-channel scratch (static: CUDA local arrays)
+MAX_ERROR = 2**31 - 1
+#: The byte that stores a kept INT8 value v is v + KEPT_BIAS (0..254: unsigned, portable).
+KEPT_BIAS = 128
 
 
 def _code(value, zero, step, levels):
-    """round_half_even((value - zero) / step), capped at levels; all int32."""
+    """clamp(round_half_even((value - zero) / step), 0, levels); all int32, step >= 1."""
     quot = T.floordiv(value - zero, step)
     rem = T.floormod(value - zero, step)
     up = T.Select(T.Or(rem * 2 > step, T.And(rem * 2 == step, T.floormod(quot, 2) == 1)), 1, 0)
-    return T.min(quot + up, levels)
+    return T.max(T.min(quot + up, levels), 0)
+
+
+def _zero_point(lo, hi, step, levels):
+    """Centre the grid on a clipped range; the top code expands to at most 127 (fits int8)."""
+    return T.min(lo + T.floordiv(T.max(0, hi - lo - levels * step), 2), INT8_MAX - levels * step)
+
+
+def _squared_error(value, step, zero, levels):
+    back = _code(value, zero, step, levels) * step + zero
+    return (back - value) * (back - value)
 
 
 def compress(bits: int):
     per_byte = codes_per_byte(bits)
     levels = 2**bits - 1
+    candidates = (INT8_MAX * 2 + levels - 1) // levels // 2 + 1  # widest // 2 + 1 at the widest step
 
     @T.prim_func(s_tir=True)
     def compress_func(x8_h: T.handle, scale8_h: T.handle, heads_h: T.handle, codes_h: T.handle,
                       step_h: T.handle, zero_h: T.handle, scale_h: T.handle):
-        B, HKV, HG, L, D, NB = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        B, HKV, HG, L, D, NB, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         x8 = T.match_buffer(x8_h, (B, HKV, L, D), "int8")
         scale8 = T.match_buffer(scale8_h, (B, HKV, NB), "float32")
         heads = T.match_buffer(heads_h, (HG,), "int32")
-        codes = T.match_buffer(codes_h, (B, HG, L, D // per_byte), "uint8")
-        step = T.match_buffer(step_h, (B, HG, NB, D), "uint8")
-        zero = T.match_buffer(zero_h, (B, HG, NB, D), "int8")
+        codes = T.match_buffer(codes_h, (B, HG, L, W), "uint8")
+        step = T.match_buffer(step_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "uint8")
+        zero = T.match_buffer(zero_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "int8")
         scale = T.match_buffer(scale_h, (B, HG, NB), "float32")
-        for b, g, blk, d in T.grid(B, HG, NB, D):
-            with T.sblock("step_zero"):
-                vb, vg, vblk, vd = T.axis.remap("SSSS", [b, g, blk, d])
-                T.reads(x8[vb, 0:HKV, vblk * BLK:vblk * BLK + BLK, vd], heads[vg])
-                T.writes(step[vb, vg, vblk, vd], zero[vb, vg, vblk, vd])
-                lo = T.sblock_alloc_buffer((1,), "int32")
-                hi = T.sblock_alloc_buffer((1,), "int32")
-                for t in range(BLK):
+        for b, g, blk, grp, d in T.grid(B, HG, NB, GROUPS_PER_BLOCK, D):
+            with T.sblock("fit"):
+                vb, vg, vblk, vgrp, vd = T.axis.remap("SSSSS", [b, g, blk, grp, d])
+                T.reads(x8[vb, 0:HKV, vblk * BLK + vgrp * GROUP:vblk * BLK + vgrp * GROUP + GROUP, vd], heads[vg])
+                T.writes(step[vb, vg, vblk, vgrp, vd], zero[vb, vg, vblk, vgrp, vd])
+                span = T.sblock_alloc_buffer((2,), "int32")  # min, max of the group
+                cand = T.sblock_alloc_buffer((3,), "int32")  # widest step, step tried, its zero
+                best = T.sblock_alloc_buffer((2,), "int32")  # least squared error, its step
+                err = T.sblock_alloc_buffer((1,), "int32")
+                for t in range(GROUP):
                     with T.sblock("range"):
                         vt = T.axis.remap("R", [t])
                         with T.init():
-                            lo[0] = INT8_MAX
-                            hi[0] = -INT8_MAX
-                        lo[0] = T.min(lo[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
-                        hi[0] = T.max(hi[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                            span[0] = INT8_MAX
+                            span[1] = -INT8_MAX
+                        span[0] = T.min(span[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vgrp * GROUP + vt, vd]))
+                        span[1] = T.max(span[1], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vgrp * GROUP + vt, vd]))
+                with T.sblock("init_best"):
+                    cand[0] = T.max(1, T.ceildiv(span[1] - span[0], levels))
+                    best[0] = MAX_ERROR
+                    best[1] = T.max(1, T.ceildiv(span[1] - span[0], levels))
+                for i in T.serial(T.floordiv(cand[0], 2) + 1):  # steps widest .. ceil(widest / 2)
+                    with T.sblock("candidate"):
+                        vi = T.axis.opaque(candidates, i)
+                        cand[1] = T.max(cand[0] - vi, 1)
+                        cand[2] = _zero_point(span[0], span[1], T.max(cand[0] - vi, 1), levels)
+                    for t in range(GROUP):
+                        with T.sblock("error"):
+                            vi = T.axis.opaque(candidates, i)
+                            vt = T.axis.remap("R", [t])
+                            with T.init():
+                                err[0] = 0
+                            err[0] = err[0] + _squared_error(
+                                T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vgrp * GROUP + vt, vd]), cand[1], cand[2],
+                                levels)
+                    with T.sblock("keep_best"):
+                        vi = T.axis.opaque(candidates, i)
+                        best[1] = T.Select(err[0] < best[0], cand[1], best[1])
+                        best[0] = T.min(err[0], best[0])
                 with T.sblock("store"):
-                    step[vb, vg, vblk, vd] = T.Cast("uint8", T.max(1, T.ceildiv(hi[0] - lo[0], levels)))
-                    # top code at or below 127: expansion is linear (levels * step <= 255 keeps this int8)
-                    zero[vb, vg, vblk, vd] = T.Cast("int8", T.min(
-                        lo[0], INT8_MAX - levels * T.max(1, T.ceildiv(hi[0] - lo[0], levels))))
+                    step[vb, vg, vblk, vgrp, vd] = T.Cast("uint8", best[1])
+                    zero[vb, vg, vblk, vgrp, vd] = T.Cast("int8", _zero_point(span[0], span[1], best[1], levels))
+        for b, g, blk in T.grid(B, HG, NB):
+            with T.sblock("outliers"):
+                vb, vg, vblk = T.axis.remap("SSS", [b, g, blk])
+                T.reads(x8[vb, 0:HKV, vblk * BLK:vblk * BLK + BLK, 0:D], heads[vg])
+                T.writes(step[vb, vg, vblk, 0:GROUPS_PER_BLOCK, 0:D], zero[vb, vg, vblk, 0:GROUPS_PER_BLOCK, 0:D])
+                lo = T.sblock_alloc_buffer((MAX_D,), "int32")
+                hi = T.sblock_alloc_buffer((MAX_D,), "int32")
+                rank = T.sblock_alloc_buffer((MAX_D,), "int32")  # channels wider than d (ties: lower index)
+                channel = T.sblock_alloc_buffer((1,), "int64")  # the channel of rank `slot`
+                for d, t in T.grid(D, BLK):
+                    with T.sblock("width"):
+                        vd, vt = T.axis.remap("SR", [d, t])
+                        with T.init():
+                            lo[_scratch(vd)] = INT8_MAX
+                            hi[_scratch(vd)] = -INT8_MAX
+                        lo[_scratch(vd)] = T.min(lo[_scratch(vd)], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                        hi[_scratch(vd)] = T.max(hi[_scratch(vd)], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                for d, d2 in T.grid(D, D):
+                    with T.sblock("rank"):
+                        vd, vd2 = T.axis.remap("SR", [d, d2])
+                        with T.init():
+                            rank[_scratch(vd)] = 0
+                        rank[_scratch(vd)] = rank[_scratch(vd)] + T.Select(T.Or(
+                            hi[_scratch(vd2)] - lo[_scratch(vd2)] > hi[_scratch(vd)] - lo[_scratch(vd)],
+                            T.And(hi[_scratch(vd2)] - lo[_scratch(vd2)] == hi[_scratch(vd)] - lo[_scratch(vd)],
+                                  vd2 < vd)), 1, 0)
+                for slot in T.serial(W - D // per_byte):
+                    for d in range(D):
+                        with T.sblock("find"):
+                            vslot = T.axis.opaque(W - D // per_byte, slot)
+                            vd = T.axis.remap("R", [d])
+                            with T.init():
+                                channel[0] = T.int64(0)
+                            channel[0] = channel[0] + T.Select(T.Cast("int64", rank[_scratch(vd)]) == vslot, vd, T.int64(0))
+                    for grp in range(GROUPS_PER_BLOCK):
+                        with T.sblock("mark"):
+                            vslot = T.axis.opaque(W - D // per_byte, slot)
+                            vgrp = T.axis.remap("S", [grp])
+                            T.reads(channel[0])
+                            T.writes(step[vb, vg, vblk, vgrp, 0:D], zero[vb, vg, vblk, vgrp, 0:D])
+                            step[vb, vg, vblk, vgrp, channel[0]] = T.uint8(0)
+                            zero[vb, vg, vblk, vgrp, channel[0]] = T.Cast("int8", vslot)
         for b, g, blk in T.grid(B, HG, NB):
             with T.sblock("gather_scale"):
                 vb, vg, vblk = T.axis.remap("SSS", [b, g, blk])
@@ -67,12 +156,35 @@ def compress(bits: int):
                 with T.init():
                     codes[vb, vg, vt, vbyte] = T.uint8(0)
                 codes[vb, vg, vt, vbyte] = codes[vb, vg, vt, vbyte] | T.shift_left(
-                    T.Cast("uint8", _code(T.Cast("int32", x8[vb, heads[vg], vt, vbyte * per_byte + vc]),
-                                          T.Cast("int32", zero[vb, vg, vt // BLK, vbyte * per_byte + vc]),
-                                          T.Cast("int32", step[vb, vg, vt // BLK, vbyte * per_byte + vc]), levels)),
+                    T.Cast("uint8", T.Select(
+                        _group_param(step, vb, vg, vt, vbyte * per_byte + vc) == 0, 0,
+                        _code(T.Cast("int32", x8[vb, heads[vg], vt, vbyte * per_byte + vc]),
+                              T.Cast("int32", _group_param(zero, vb, vg, vt, vbyte * per_byte + vc)),
+                              T.max(T.Cast("int32", _group_param(step, vb, vg, vt, vbyte * per_byte + vc)), 1),
+                              levels))),
                     T.Cast("uint8", vc * bits))
+        for b, g, t, slot, d in T.grid(B, HG, L, W - D // per_byte, D):
+            with T.sblock("keep"):
+                vb, vg, vt, vslot, vd = T.axis.remap("SSSSR", [b, g, t, slot, d])
+                with T.init():
+                    codes[vb, vg, vt, D // per_byte + vslot] = T.uint8(0)
+                codes[vb, vg, vt, D // per_byte + vslot] = codes[vb, vg, vt, D // per_byte + vslot] + T.Select(
+                    T.And(_group_param(step, vb, vg, vt, vd) == 0,
+                          T.Cast("int64", _group_param(zero, vb, vg, vt, vd)) == vslot),
+                    T.Cast("uint8", T.Cast("int32", x8[vb, heads[vg], vt, vd]) + KEPT_BIAS), T.uint8(0))
 
     return compress_func
+
+
+def _scratch(d):
+    """Index of channel d in a MAX_D scratch array. The modulo (a no-op: D <= MAX_D) keeps the
+    array's compacted size MAX_D rather than the symbolic D, which CUDA local arrays cannot take."""
+    return T.floormod(d, MAX_D)
+
+
+def _group_param(param, b, g, t, d):
+    """step or zero of the stage-2 group that holds token t, channel d."""
+    return param[b, g, t // BLK, T.floordiv(T.floormod(t, BLK), GROUP), d]
 
 
 def unpack_code(codes, b, g, t, d, bits):
@@ -88,20 +200,30 @@ def expand(code, step, zero):
     return T.min(code * T.Cast("int32", step) + T.Cast("int32", zero), INT8_MAX)
 
 
-def decompress(bits: int):
-    per_byte = codes_per_byte(bits)
+def load_int8(codes, step, zero, b, g, t, d, bits, head_dim, code_width):
+    """INT8 value of channel d of token t: the expanded code, or the kept byte where step is 0.
 
+    The kept-byte index is clamped into the row, so both operands of the select stay in bounds
+    even for V (no kept bytes: code_width == head_dim / per_byte).
+    """
+    packed_width = head_dim // codes_per_byte(bits)
+    group_step, group_zero = _group_param(step, b, g, t, d), _group_param(zero, b, g, t, d)
+    slot = T.min(T.max(T.Cast("int64", group_zero), 0), code_width - packed_width - 1)
+    kept = T.Cast("int32", codes[b, g, t, packed_width + slot]) - KEPT_BIAS
+    return T.Select(group_step == 0, kept, expand(unpack_code(codes, b, g, t, d, bits), group_step, group_zero))
+
+
+def decompress(bits: int):
     @T.prim_func(s_tir=True)
     def decompress_func(codes_h: T.handle, step_h: T.handle, zero_h: T.handle, x8_h: T.handle):
-        B, HG, L, D, NB = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        codes = T.match_buffer(codes_h, (B, HG, L, D // per_byte), "uint8")
-        step = T.match_buffer(step_h, (B, HG, NB, D), "uint8")
-        zero = T.match_buffer(zero_h, (B, HG, NB, D), "int8")
+        B, HG, L, D, NB, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        codes = T.match_buffer(codes_h, (B, HG, L, W), "uint8")
+        step = T.match_buffer(step_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "uint8")
+        zero = T.match_buffer(zero_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "int8")
         x8 = T.match_buffer(x8_h, (B, HG, L, D), "int8")
         for b, g, t, d in T.grid(B, HG, L, D):
             with T.sblock("expand"):
                 vb, vg, vt, vd = T.axis.remap("SSSS", [b, g, t, d])
-                x8[vb, vg, vt, vd] = T.Cast("int8", expand(
-                    unpack_code(codes, vb, vg, vt, vd, bits), step[vb, vg, vt // BLK, vd], zero[vb, vg, vt // BLK, vd]))
+                x8[vb, vg, vt, vd] = T.Cast("int8", load_int8(codes, step, zero, vb, vg, vt, vd, bits, D, W))
 
     return decompress_func

@@ -9,23 +9,25 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
 from .common import inner_blocks, leading_spatial_loops, top_level_blocks
+from .knobs import HAND, HandKnobs
 
 #: Widest loop that is turned into one vector op (LLVM splits it into machine vectors).
 MAX_VECTOR = 128
 
 
-def schedule_cpu(sch: Schedule, func_name: str, target) -> None:
+def schedule_cpu(sch: Schedule, func_name: str, target, knobs: HandKnobs = HAND) -> None:
+    """``knobs``: the choices of the rule (default: the hand schedule's; tuning passes sampled ones)."""
     del target
     sch.work_on(func_name)
     for block in top_level_blocks(sch):
         loops = leading_spatial_loops(sch, block)
         if loops:
-            sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+            knobs.unroll(sch, knobs.parallel(sch, sch.fuse(*loops) if len(loops) > 1 else loops[0]))
         for inner in inner_blocks(sch, block):
-            _vectorize_innermost(sch, inner)
+            _vectorize_innermost(sch, inner, knobs)
 
 
-def _vectorize_innermost(sch: Schedule, block) -> None:
+def _vectorize_innermost(sch: Schedule, block, knobs: HandKnobs) -> None:
     sblock = sch.get(block)
     if not sblock.iter_vars or sblock.iter_vars[-1].iter_type != 0 or sch.get_child_blocks(block):
         return
@@ -34,6 +36,6 @@ def _vectorize_innermost(sch: Schedule, block) -> None:
     if getattr(extent, "value", MAX_VECTOR + 1) > MAX_VECTOR:
         return
     try:
-        sch.vectorize(loop)
+        knobs.vectorize(sch, block, loop)
     except ScheduleError:
         pass  # a block whose innermost loop cannot be vectorized stays scalar

@@ -8,11 +8,13 @@ from tvm.s_tir import Schedule
 
 from ..kernel_set import HAND_MAPPED
 from .common import inner_blocks, leading_spatial_loops, top_level_blocks
+from .knobs import HAND, HandKnobs
 
-THREADS_PER_BLOCK = 64
+THREADS_PER_BLOCK = HandKnobs.threads_per_block_default
 
 
-def schedule_cuda(sch: Schedule, func_name: str, target) -> None:
+def schedule_cuda(sch: Schedule, func_name: str, target, knobs: HandKnobs = HAND) -> None:
+    """``knobs``: the choices of the rule (default: the hand schedule's; tuning passes sampled ones)."""
     del target
     if sch.mod[func_name].attrs.get(HAND_MAPPED):
         return  # the kernel is its own mapping (tensor-core kernels)
@@ -20,7 +22,7 @@ def schedule_cuda(sch: Schedule, func_name: str, target) -> None:
     for block in top_level_blocks(sch):
         loops = leading_spatial_loops(sch, block)
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        ctas, threads = sch.split(fused, factors=[None, THREADS_PER_BLOCK])
+        ctas, threads = sch.split(fused, factors=[None, knobs.threads_per_block(sch, fused)])
         sch.bind(ctas, "blockIdx.x")
         sch.bind(threads, "threadIdx.x")
         _tile_state_to_local(sch, block)

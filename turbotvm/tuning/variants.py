@@ -1,0 +1,164 @@
+"""Knobs of hand-mapped kernels: each setting is a separate kernel, built by its factory.
+
+A hand-mapped CUDA kernel is its own schedule, so its knobs (tile sizes, warps per CTA, ...) are
+factory parameters, declared in ``KNOBS[family] = {parameter: choices}`` (first choice = the
+kernel's default). Tuning builds and measures every setting with meta-schedule's builder and
+runner and commits each to the database as a record of the *default* kernel whose trace holds
+the setting: ``sample_categorical`` decisions annotated on the root block. At build time
+``variant_from_trace`` replays that trace, reads the annotations and calls the factory with them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import tvm
+from tvm.s_tir import Schedule
+
+from . import records as log_records
+from .measure import measure_and_commit
+from .workload import tuning_workload
+
+KNOB_PREFIX = "turbotvm.knob."
+
+
+@dataclass
+class HandMappedFamily:
+    """Kernels named ``pattern`` (groups = the factory's leading arguments), made by ``factory``."""
+
+    pattern: str
+    factory: Callable
+    args: Callable  # re.Match -> positional arguments of the factory
+    knobs: dict = field(default_factory=dict)  # parameter -> choices (first = default)
+
+    def make(self, name: str, settings: dict | None = None):
+        match = re.fullmatch(self.pattern, name)
+        if match is None:
+            raise ValueError(f"kernel {name!r} does not match family pattern {self.pattern!r}")
+        settings = dict(settings or {})
+        accepted = inspect.signature(self.factory).parameters
+        missing = [k for k in settings if k not in accepted]
+        if missing:
+            raise ValueError(f"{self.factory.__module__}.{self.factory.__name__} takes no knob {missing}: "
+                             "add the parameter to the factory")
+        return self.factory(*self.args(match), **settings)
+
+
+def _cuda_families() -> dict:
+    from ..kernels import decode_cuda, prefill_tc, quantize_cuda
+
+    # To give a kernel knobs: lift its module constants (prefill_tc.WARPS / BQ, decode_cuda.THREADS,
+    # quantize_cuda.THREADS) into keyword parameters of the factory and list the choices here.
+    return {
+        "prefill_tc": HandMappedFamily(r"prefill_tc_(full|causal)_d(\d+)_(\w+)", prefill_tc.prefill_tc,
+                                       lambda m: (int(m[2]), m[1] == "causal", m[3])),
+        "quantize_rows": HandMappedFamily(r"quantize_rows_(smoothed_)?(\w+?)_d(\d+)", quantize_cuda.quantize_rows,
+                                          lambda m: (m[2], int(m[3]), bool(m[1]), False)),
+        "quantize_vt": HandMappedFamily(r"quantize_vt_(\w+?)_d(\d+)", quantize_cuda.quantize_rows,
+                                        lambda m: (m[1], int(m[2]), False, True)),
+        "decode_split_cuda": HandMappedFamily(r"decode_split_b(\d+)_d(\d+)", decode_cuda.decode_split_cuda,
+                                              lambda m: (int(m[2]), int(m[1]))),
+        "decode_merge_cuda": HandMappedFamily(r"decode_merge_d(\d+)_(\w+)", decode_cuda.decode_merge_cuda,
+                                              lambda m: (int(m[1]), m[2])),
+    }
+
+
+#: Hand-mapped families by name; tests and the lead register more (``FAMILIES[name] = HandMappedFamily(...)``).
+FAMILIES: dict[str, HandMappedFamily] = {}
+#: ``KNOBS[family] = {parameter: choices}``: a view of FAMILIES' knobs (edit either).
+KNOBS: dict[str, dict] = {}
+
+
+def _registry() -> dict:
+    if not FAMILIES:
+        for family_name, family in _cuda_families().items():
+            FAMILIES.setdefault(family_name, family)
+    for family_name, family in FAMILIES.items():
+        KNOBS.setdefault(family_name, family.knobs)
+        family.knobs = KNOBS[family_name]
+    return FAMILIES
+
+
+def family_of(name: str) -> HandMappedFamily:
+    for family in _registry().values():
+        if re.fullmatch(family.pattern, name):
+            return family
+    raise ValueError(f"kernel {name!r}: no hand-mapped family matches it (register one in turbotvm.tuning.variants)")
+
+
+def settings_of(family: HandMappedFamily):
+    """Every knob setting of ``family``, the default (first choices) first."""
+    names = list(family.knobs)
+    for values in itertools.product(*(family.knobs[n] for n in names)):
+        yield dict(zip(names, values))
+
+
+def knob_trace(workload_mod, family: HandMappedFamily, setting: dict) -> Schedule:
+    """A schedule of the default kernel whose trace records ``setting`` (nothing else changes)."""
+    sch = Schedule(workload_mod)
+    root = sch.get_sblock("root", func_name="main")
+    for knob, choices in family.knobs.items():
+        choices = list(choices)
+        value = sch.sample_categorical(choices, [1.0 / len(choices)] * len(choices),
+                                       decision=choices.index(setting[knob]))
+        sch.annotate(root, KNOB_PREFIX + knob, value)
+    return sch
+
+
+def setting_from_trace(trace, default_mod) -> dict:
+    sch = Schedule(default_mod)
+    trace.apply_to_schedule(sch, remove_postproc=False)
+    root = sch.get(sch.get_sblock("root", func_name="main"))
+    return {str(k)[len(KNOB_PREFIX):]: int(v) for k, v in root.annotations.items() if str(k).startswith(KNOB_PREFIX)}
+
+
+def variant_from_trace(name: str, trace, target):
+    """The kernel ``name`` built with the knob setting its record's trace holds."""
+    family = family_of(name)
+    default = family.make(name)
+    return family.make(name, setting_from_trace(trace, tvm.IRModule({"main": default})))
+
+
+def tune_variants(name, target, config, bucket, head_dim, database, builder, runner, trials, progress):
+    """Measure up to ``trials`` knob settings of hand-mapped kernel ``name`` (skipping logged ones)."""
+    from .tuner import KernelResult, _silent
+
+    family = family_of(name)
+    default = family.make(name).with_attr("global_symbol", name)
+    workload = tuning_workload(name, default, target, bucket, head_dim)
+    previous = log_records.records_of(database, workload)
+    done = [setting_from_trace(r.trace, workload) for r in previous]
+    todo = [s for s in settings_of(family) if s not in done][:max(0, trials - len(previous))]
+    best = log_records.best_seconds(previous)
+    baseline = _baseline_seconds(previous, workload, family)
+    with (progress(name, len(todo)) if progress and todo else _silent()) as on_batch:
+        for setting in todo:
+            seconds = _measure(name, family, setting, workload, target, bucket, head_dim, database, builder, runner)
+            if setting == next(settings_of(family)):
+                baseline = seconds
+            if seconds is not None:
+                best = seconds if best is None else min(best, seconds)
+            on_batch(1, best if best is not None else float("inf"))
+    after = log_records.records_of(database, workload)
+    return KernelResult(name, len(after), len(after) - len(previous), log_records.best_seconds(after), baseline)
+
+
+def _baseline_seconds(records, workload, family):
+    """Time of the default setting (the untuned kernel) among ``records``; None if absent or failed."""
+    default = next(settings_of(family))
+    for record in records:
+        if setting_from_trace(record.trace, workload) == default:
+            seconds = log_records.mean_seconds(record)
+            return seconds if seconds < log_records.FAILED_SECONDS else None
+    return None
+
+
+def _measure(name, family, setting, workload, target, bucket, head_dim, database, builder, runner):
+    """Build and run the kernel with ``setting``; its record is a trace of the default kernel."""
+    variant = tuning_workload(name, family.make(name, setting), target, bucket, head_dim)
+    trace = knob_trace(workload, family, setting).trace
+    return measure_and_commit(variant, trace, workload, target, database, builder, runner)
