@@ -1,12 +1,13 @@
 """Decode attention over the compressed cache, split along the sequence (flash-decoding).
 
 ``decode_split(D, bits)`` covers one group of KV heads stored at ``bits`` (2 or 4: packed codes
-expanded to INT8 on the fly, kept outlier channels read verbatim, see kv_compress; 8: the INT8
-buffer of recent tokens, whose step/zero arguments are unused placeholders of shape [B, HG, 1, D]). The code tensors may hold more rows than
-``length`` (a cache's spare capacity); only the first ``length`` tokens are read. Tile = (batch, KV head of
-the group, query head of its GQA group, split); it writes an unnormalised partial state
-(acc, m, l) into slot ``slot_offset + split``. ``decode_merge(D)`` combines the slots with SAS
-weights (docs/algorithm.md §5). Same tile math as prefill, with one query row.
+expanded to INT8 on the fly, K's kept channels read as they are, see kv_compress; 8: the INT8
+buffer of recent tokens, whose step/zero arguments are unused placeholders of shape [B, HG, 1, D]).
+The code tensors may hold more rows than ``length`` (a cache's spare capacity); only the first
+``length`` tokens are read. Tile = (batch, KV head of the group, query head of its GQA group,
+split); it writes an unnormalised partial state (acc, m, l) into slot ``slot_offset + split``.
+``decode_merge(D)`` combines the slots with SAS weights (docs/algorithm.md §5). Same tile math as
+prefill, with one query row.
 """
 
 from tvm import ir, tirx

@@ -24,7 +24,7 @@ GROUP = CACHE_GROUP
 GROUPS_PER_BLOCK = QUANT_BLOCK // CACHE_GROUP
 MAX_D = max(SUPPORTED_HEAD_DIMS)  # size of per-channel scratch (static: CUDA local arrays)
 MAX_ERROR = 2**31 - 1
-#: The byte that stores a kept INT8 value v is v + KEPT_BIAS (0..254: unsigned, portable).
+#: The byte that stores a kept INT8 value v is v + KEPT_BIAS (1..255: unsigned, portable).
 KEPT_BIAS = 128
 
 
@@ -49,7 +49,8 @@ def _squared_error(value, step, zero, levels):
 def compress(bits: int):
     per_byte = codes_per_byte(bits)
     levels = 2**bits - 1
-    candidates = (INT8_MAX * 2 + levels - 1) // levels // 2 + 1  # widest // 2 + 1 at the widest step
+    # most steps a group tries: widest // 2 + 1 when its range is the full 254
+    candidates = (INT8_MAX * 2 + levels - 1) // levels // 2 + 1
 
     @T.prim_func(s_tir=True)
     def compress_func(x8_h: T.handle, scale8_h: T.handle, heads_h: T.handle, codes_h: T.handle,
