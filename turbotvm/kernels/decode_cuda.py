@@ -3,20 +3,18 @@
 Same signatures and results as ``decode_split`` / ``decode_merge`` (checked against
 turbotvm.reference), written at thread level like MLC-LLM's decode kernels because decode is
 bandwidth-bound and the one-thread-per-tile SIMT rule cannot read the cache at speed.
+A CTA of 128 threads owns one (split, batch, query head) and walks its 64-token tiles.
 
-A CTA of 128 threads owns one (split, batch, query head) and walks its 64-token tiles:
-
-* the tile's packed K codes are read coalesced (each thread always expands the same 4 channels,
-  so it loads their integer step/zero once per tile) and expanded to INT8 rows in shared memory;
-  V is expanded transposed ([D][64 tokens]) so that P·V is a 4-byte dot product per load;
-* Q·Kᵀ: two threads per token, ``__dp4a`` over half the channels each, summed by a shuffle;
-* SAS online softmax over the tile (block max through shared memory), P codes packed 4 per word;
-* P·V: thread d does ``__dp4a`` of the P words with its V row; the P sum comes from the same words.
-"""
+* ``decode_split_packed`` (2/4-bit groups) computes on the packed codes, never expanding them.
+* ``decode_split_cuda`` (the INT8 buffer of recent tokens) stages K rows and V transposed
+  ([D][64 tokens]) in shared memory; Q·Kᵀ: two threads per token, ``__dp4a`` over half the
+  channels each, summed by a shuffle; SAS online softmax over the tile (block max through shared
+  memory), P codes packed 4 per word; P·V: thread d does ``__dp4a`` of the P words with its V row.
+* ``decode_merge_cuda`` combines the split states."""
 
 from tvm.script import tirx as T
 
-from ..algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK, codes_per_byte
+from ..algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK
 from .kv_compress import GROUPS_PER_BLOCK
 from .sas import NEG_BIG, sas_exp
 
@@ -36,37 +34,19 @@ def _pack4(b0, b1, b2, b3):
 
 
 def decode_split_cuda(head_dim: int, bits: int):
-    """decode_split for the INT8 buffer of recent tokens (bits = 8): expands rows into shared memory.
+    """decode_split for the INT8 buffer of recent tokens (bits = 8): stages rows in shared memory.
 
     Packed 2/4-bit groups go through ``decode_split_packed``, which never expands.
     """
     assert bits == 8, "2/4-bit groups: decode_split_packed"
     D = head_dim
-    per_byte = 1 if bits == 8 else codes_per_byte(bits)
-    code_width = D // per_byte  # bytes per token
-    code_dtype = "int8" if bits == 8 else "uint8"
     DW = D // 4
-    K_STRIDE = DW + 4  # words per expanded K row (padding: conflict-free 16-byte reads)
-    # words per expanded V^T row: odd, because a warp's expansion stores hit rows 2 apart
+    K_STRIDE = DW + 4  # words per K row in shared memory (padding: conflict-free 16-byte reads)
+    # words per V^T row: odd, because a warp's transposing stores hit rows 2 apart
     V_STRIDE = BK // 4 + 1
-    K_WORDS = BK * DW // THREADS  # expanded K words per thread per tile
-    V_ITEMS = code_width * (BK // 4) // THREADS  # (byte column, 4 tokens) items per thread per tile
+    K_WORDS = BK * DW // THREADS  # K words per thread per tile
+    V_ITEMS = D * (BK // 4) // THREADS  # (channel, 4 tokens) items per thread per tile
     HALF_WORDS = DW // 2  # K words each of a token's two threads multiplies
-
-    def code_of(byte, c):
-        if bits == 8:
-            return T.Cast("int32", T.Cast("int8", byte))
-        return T.bitwise_and(T.shift_right(T.Cast("int32", byte), c * bits), 2**bits - 1)
-
-    def expand(code, step, zero):
-        if bits == 8:
-            return code
-        return T.min(code * T.Cast("int32", step) + T.Cast("int32", zero), INT8_MAX)
-
-    def block_of(tile, NP):
-        if bits == 8:
-            return 0  # step/zero are unused placeholders of the INT8 buffer
-        return tile
 
     @T.prim_func(s_tir=True)
     def decode_split_func(q_h: T.handle, q_scale_h: T.handle, heads_h: T.handle,
@@ -79,11 +59,11 @@ def decode_split_cuda(head_dim: int, bits: int):
         q = T.match_buffer(q_h, (B, H, 1, D), "int8")
         q_scale = T.match_buffer(q_scale_h, (B, H, 1), "float32")
         heads = T.match_buffer(heads_h, (HG,), "int32")
-        k_codes = T.match_buffer(k_codes_h, (B, HG, L, code_width), code_dtype)
-        k_step = T.match_buffer(k_step_h, (B, HG, NP, D), "uint8")
+        k_codes = T.match_buffer(k_codes_h, (B, HG, L, D), "int8")
+        k_step = T.match_buffer(k_step_h, (B, HG, NP, D), "uint8")  # placeholders: the INT8 buffer has none
         k_zero = T.match_buffer(k_zero_h, (B, HG, NP, D), "int8")
         k_scale = T.match_buffer(k_scale_h, (B, HG, NB), "float32")
-        v_codes = T.match_buffer(v_codes_h, (B, HG, L, code_width), code_dtype)
+        v_codes = T.match_buffer(v_codes_h, (B, HG, L, D), "int8")
         v_step = T.match_buffer(v_step_h, (B, HG, NP, D), "uint8")
         v_zero = T.match_buffer(v_zero_h, (B, HG, NP, D), "int8")
         v_scale = T.match_buffer(v_scale_h, (B, HG, NB), "float32")
@@ -91,15 +71,14 @@ def decode_split_cuda(head_dim: int, bits: int):
         m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
         l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
         q_w = T.decl_buffer((B, H, DW), "int32", data=q.data)
+        k_w = T.decl_buffer((B, HG, L, DW), "int32", data=k_codes.data)
         for split in T.thread_binding(num_splits, thread="blockIdx.x"):
             for by in T.thread_binding(B * HG * group_size, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     with T.sblock("decode_tile"):
                         T.reads(q_w[0:B, 0:H, 0:DW], q_scale[0:B, 0:H, 0], heads[0:HG],
-                                k_codes[0:B, 0:HG, 0:L, 0:code_width], k_step[0:B, 0:HG, 0:NP, 0:D],
-                                k_zero[0:B, 0:HG, 0:NP, 0:D], k_scale[0:B, 0:HG, 0:NB],
-                                v_codes[0:B, 0:HG, 0:L, 0:code_width], v_step[0:B, 0:HG, 0:NP, 0:D],
-                                v_zero[0:B, 0:HG, 0:NP, 0:D], v_scale[0:B, 0:HG, 0:NB])
+                                k_w[0:B, 0:HG, 0:L, 0:DW], k_scale[0:B, 0:HG, 0:NB],
+                                v_codes[0:B, 0:HG, 0:L, 0:D], v_scale[0:B, 0:HG, 0:NB])
                         T.writes(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
                         k_tile = T.sblock_alloc_buffer((BK * K_STRIDE,), "int32", scope="shared")
                         v_tile = T.sblock_alloc_buffer((D * V_STRIDE,), "int32", scope="shared")
@@ -108,8 +87,6 @@ def decode_split_cuda(head_dim: int, bits: int):
                         q_frag = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
                         k_vec = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
                         v_vec = T.sblock_alloc_buffer((BK // 4,), "int32", scope="local")
-                        k_sz = T.sblock_alloc_buffer((8,), "int32", scope="local")  # step, zero of 4 channels
-                        v_sz = T.sblock_alloc_buffer((2 * per_byte,), "int32", scope="local")
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         # m, l, score, tile max, rescale, P scale, 1 / P scale
                         st = T.sblock_alloc_buffer((7,), "float32", scope="local")
@@ -134,30 +111,17 @@ def decode_split_cuda(head_dim: int, bits: int):
                         acc[0] = T.float32(0)
                         for kt in T.serial(last - first):
                             T.tvm_storage_sync("shared")
-                            # ---- expand K to INT8 rows: thread tx always owns channels 4*(w % DW)..+3
-                            for c in T.unroll(4):
-                                k_sz[c] = T.Cast("int32", k_step[b, g, block_of(first + kt, NP), (tx % DW) * 4 + c])
-                                k_sz[4 + c] = T.Cast("int32", k_zero[b, g, block_of(first + kt, NP), (tx % DW) * 4 + c])
+                            # ---- K rows as they are (4 codes per word), V transposed to [D][64 tokens]
                             for w in T.unroll(K_WORDS):
                                 k_tile[(w * THREADS + tx) // DW * K_STRIDE + tx % DW] = T.if_then_else(
                                     (first + kt) * BK + (w * THREADS + tx) // DW < length,
-                                    _pack4(*[expand(code_of(k_codes[b, g, (first + kt) * BK + (w * THREADS + tx) // DW,
-                                                                   ((tx % DW) * 4 + c) // per_byte],
-                                                            ((tx % DW) * 4 + c) % per_byte),
-                                                    k_sz[c], k_sz[4 + c]) for c in range(4)]),
-                                    0)
-                            # ---- expand V transposed: item = (byte column, 4 tokens) -> per_byte words
-                            for c in T.unroll(per_byte):
-                                v_sz[c] = T.Cast("int32", v_step[b, g, block_of(first + kt, NP), (tx % code_width) * per_byte + c])
-                                v_sz[per_byte + c] = T.Cast("int32", v_zero[b, g, block_of(first + kt, NP), (tx % code_width) * per_byte + c])
+                                    k_w[b, g, (first + kt) * BK + (w * THREADS + tx) // DW, tx % DW], 0)
                             for it in T.unroll(V_ITEMS):
-                                for c in T.unroll(per_byte):
-                                    v_tile[((tx % code_width) * per_byte + c) * V_STRIDE + (it * THREADS + tx) // code_width] = _pack4(*[
-                                        T.if_then_else(
-                                            (first + kt) * BK + (it * THREADS + tx) // code_width * 4 + j < length,
-                                            expand(code_of(v_codes[b, g, (first + kt) * BK + (it * THREADS + tx) // code_width * 4 + j,
-                                                                   tx % code_width], c), v_sz[c], v_sz[per_byte + c]),
-                                            0) for j in range(4)])
+                                v_tile[(tx % D) * V_STRIDE + (it * THREADS + tx) // D] = _pack4(*[
+                                    T.if_then_else(
+                                        (first + kt) * BK + (it * THREADS + tx) // D * 4 + j < length,
+                                        T.Cast("int32", v_codes[b, g, (first + kt) * BK + (it * THREADS + tx) // D * 4 + j,
+                                                                tx % D]), 0) for j in range(4)])
                             T.tvm_storage_sync("shared")
 
                             # ---- score of token tx // 2 (both threads of the pair hold it)
