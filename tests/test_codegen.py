@@ -143,3 +143,27 @@ def test_other_tvm_version_is_refused(exported):
 def test_missing_module_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="module_dir: expected"):
         load(tmp_path / "nothing")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_every_cuda_knob_setting_compiles_for_sm90():
+    """Tuning measures every knob setting: each must compile (registers, shared memory) for sm_90."""
+    import tvm
+
+    from turbotvm.tuning.variants import FAMILIES, _registry, settings_of
+
+    _registry()
+    names = {"prefill_tc": "prefill_tc_causal_d128_float16", "decode_split_packed": "decode_split_b2_d128"}
+    funcs = {}
+    for family_name, kernel in names.items():
+        family = FAMILIES[family_name]
+        assert len(family.knobs) >= 1, family_name
+        for i, setting in enumerate(settings_of(family)):
+            funcs[f"{family_name}_{i}"] = family.make(kernel, setting).with_attr("global_symbol", f"{family_name}_{i}")
+    assert len(funcs) == 5
+    source = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"})) \
+        .mod.imports[0].inspect_source()
+    for name in funcs:
+        assert f"{name}_kernel" in source
+    # 8 warps: launch bounds of 256 threads, the same 64 mma per KV tile in each warp's code
+    assert "__launch_bounds__(256) prefill_tc_2_kernel" in source.replace("void ", "")

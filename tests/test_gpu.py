@@ -83,3 +83,48 @@ def test_cpu_tensor_refused_by_cuda_build(turbo_cuda, rng):
     with pytest.raises(ValueError, match="q: expected a tensor on 'cuda'"):
         turbo_cuda.prefill(q, k, v)
     np.testing.assert_equal(q.device.type, "cpu")
+
+
+def _with_kernel(turbo, name, func):
+    """``turbo`` with kernel ``name`` replaced by ``func`` (a knob variant), compiled on its own."""
+    import dataclasses
+
+    import tvm
+
+    executable = tvm.compile(tvm.IRModule({name: func.with_attr("global_symbol", name)}), target=turbo.kernels.target)
+    functions = {n: turbo.kernels[n] for n in turbo.kernels.names}
+    functions[name] = executable[name]
+    return TurboAttention(dataclasses.replace(turbo.kernels, _functions=functions))
+
+
+@pytest.mark.parametrize("warps", [2, 8])
+@pytest.mark.parametrize("shape,causal", [
+    ((1, 4, 2, 333, 517, 128), False),  # odd lengths, GQA
+    ((1, 4, 2, 70, 200, 128), True),    # one CTA of 128 rows: warps past N read a clamped Q scale
+    ((2, 4, 4, 300, 300, 64), True),
+])
+def test_prefill_warps_knob_matches_reference(turbo_cuda, rng, warps, shape, causal):
+    from turbotvm.kernel_set import prefill_tc_name
+    from turbotvm.kernels.prefill_tc import prefill_tc
+
+    b, h, hkv, n, m, d = shape
+    variant = _with_kernel(turbo_cuda, prefill_tc_name(d, causal, "float16"), prefill_tc(d, causal, "float16", warps=warps))
+    q, k, v = realistic_qkv(rng, b, h, hkv, n, m, d)
+    out = variant.prefill(*(torch.from_numpy(x).to("cuda", torch.float16) for x in (q, k, v)), causal=causal)
+    q, k, v = (torch.from_numpy(x).half().double().numpy() for x in (q, k, v))
+    assert cosine(out.float().cpu().numpy(), ref.turbo_prefill(q, k, v, causal)) >= 0.999
+
+
+@pytest.mark.parametrize("splits", [1, 5])
+def test_decode_prefetch_knob_matches_reference(turbo_cuda, rng, splits):
+    from turbotvm.kernel_set import decode_split_name
+    from turbotvm.kernels.decode_cuda import decode_split_packed
+
+    bits = [4, 2, 4, 4]
+    variant = turbo_cuda
+    for b in (2, 4):
+        variant = _with_kernel(variant, decode_split_name(128, b), decode_split_packed(128, b, prefetch=1))
+    q, k, v = realistic_qkv(rng, 2, 8, 4, 1, 1000, 128)
+    cache = variant.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), bits)
+    out = variant.decode(torch.from_numpy(q).cuda(), cache, num_splits=splits).cpu().numpy()
+    assert cosine(out, ref.turbo_decode(q, ref.build_cache(k, v, bits), num_splits=splits)) >= 0.9999

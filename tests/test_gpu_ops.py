@@ -81,9 +81,6 @@ def test_op_on_a_side_stream(cuda_runtime, rng):
         torch.testing.assert_close(total, expected_i.sum(), rtol=1e-3, atol=1e-1)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: appends issued on a non-default stream without a sync before "
-                   "give wrong decode results (0.5-0.65 cos); the same appends on the default stream, or after "
-                   "torch.cuda.synchronize(), match the reference, and TVM kernels do run on torch's stream")
 def test_cache_cuda_matches_reference(cuda_runtime, rng):
     cache = TurboKVCache(head_bits=[4, 2, 4, 4])
     ks, vs = [], []
@@ -97,6 +94,8 @@ def test_cache_cuda_matches_reference(cuda_runtime, rng):
             cache.append(k, v)
         else:  # appended on a busy side stream, read on it
             stream.wait_stream(torch.cuda.current_stream())  # k, v were copied on the default stream
+            k.record_stream(stream)  # and are freed there: keep their memory until s has read them
+            v.record_stream(stream)
             zero = busy(stream)
             with torch.cuda.stream(stream):
                 cache.append(k + zero, v + zero)

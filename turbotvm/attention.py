@@ -30,6 +30,8 @@ class TurboAttention:
     def __init__(self, kernels: CompiledKernels):
         self.kernels = kernels
         self.device_type = "cuda" if kernels.target_kind == "cuda" else "cpu"
+        self._decode_constants: dict = {}
+        self._sm_count: dict = {}
 
     @classmethod
     def build(cls, target="llvm", head_dims=(64, 128), dtypes=("float32",), progress=False,
@@ -189,10 +191,26 @@ class TurboAttention:
         self.kernels[names.quantize_rows_name(dtype, d, False)](q, q8, q_scale)
         return q8, q_scale
 
+    def _buffer_constants(self, device, batch: int, kv_heads: int, head_dim: int) -> tuple:
+        """Head ids and the (unread) step/zero arguments of the INT8-buffer decode: made once per shape.
+
+        Allocating them per call cost three kernel launches per decoded token.
+        """
+        key = (device, batch, kv_heads, head_dim)
+        constants = self._decode_constants.get(key)
+        if constants is None:
+            constants = self._decode_constants[key] = (
+                torch.arange(kv_heads, dtype=torch.int32, device=device),
+                torch.zeros((batch, kv_heads, 1, head_dim), dtype=torch.uint8, device=device),
+                torch.zeros((batch, kv_heads, 1, head_dim), dtype=torch.int8, device=device))
+        return constants
+
     def _auto_splits(self, q, compressed_len: int) -> int:
         if self.device_type != "cuda":
             return CPU_DECODE_SPLITS
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = self._sm_count.get(q.device)
+        if sms is None:
+            sms = self._sm_count[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
         tiles = max(1, -(-compressed_len // QUANT_BLOCK))
         return max(1, min(tiles, -(-CTAS_PER_SM * sms // (q.shape[0] * q.shape[1]))))
 
@@ -219,21 +237,22 @@ class TurboAttention:
         scale = check_scale(scale, d)
         group_size = h // cache.num_kv_heads
         q8, q_scale = self._quantize_query(q, dtype)
-        slots = num_splits + 1  # splits over the compressed prefix + one for the INT8 buffer
-        o_part = torch.zeros((b, h, slots, d), dtype=torch.float32, device=q.device)
-        m_part = torch.full((b, h, slots), NEG_BIG, dtype=torch.float32, device=q.device)
-        l_part = torch.zeros((b, h, slots), dtype=torch.float32, device=q.device)
+        # every slot is written by exactly one split CTA (an empty split writes the neutral state),
+        # so the partials need no fill: slots [0, S) for the compressed prefix, then one for the buffer
+        split_slots = num_splits if cache.groups else 0
+        slots = split_slots + (cache.buffer_k is not None)
+        o_part = torch.empty((b, h, slots, d), dtype=torch.float32, device=q.device)
+        m_part = torch.empty((b, h, slots), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((b, h, slots), dtype=torch.float32, device=q.device)
         for group in cache.groups:
             self.kernels[names.decode_split_name(d, group.bits)](
                 q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, num_splits, 0, cache.compressed_len)
         if cache.buffer_k is not None:
-            heads = torch.arange(cache.num_kv_heads, dtype=torch.int32, device=q.device)
-            unused_step = torch.zeros((b, cache.num_kv_heads, 1, d), dtype=torch.uint8, device=q.device)
-            unused_zero = torch.zeros((b, cache.num_kv_heads, 1, d), dtype=torch.int8, device=q.device)
+            heads, unused_step, unused_zero = self._buffer_constants(q.device, b, cache.num_kv_heads, d)
             self.kernels[names.decode_split_name(d, 8)](
                 q8, q_scale, heads, cache.buffer_k, unused_step, unused_zero, cache.buffer_k_scale,
                 cache.buffer_v, unused_step, unused_zero, cache.buffer_v_scale,
-                o_part, m_part, l_part, scale, group_size, 1, num_splits, cache.length - cache.compressed_len)
+                o_part, m_part, l_part, scale, group_size, 1, split_slots, cache.length - cache.compressed_len)
         out = torch.empty_like(q)
         self.kernels[names.decode_merge_name(d, dtype)](o_part, m_part, l_part, out)
         return out.numpy() if was_numpy else out

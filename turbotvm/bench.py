@@ -181,6 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--tuning-log", default=None,
+                        help="a turbotvm tune output (e.g. tuning_logs/sm_90): build with its best records")
 
 
 def main(argv=None):
@@ -196,7 +198,7 @@ def run(args) -> Path:
     gpu = torch.cuda.get_device_name()
     start = time.time()
     turbo = TurboAttention.build({"kind": "cuda", "arch": "sm_%d%d" % torch.cuda.get_device_capability()},
-                                 head_dims=(64, 128), dtypes=("float16",))
+                                 head_dims=(64, 128), dtypes=("float16",), tuning_log=args.tuning_log)
     print(f"built in {time.time() - start:.0f} s on {gpu}")
     copy_gbs = copy_bandwidth_gbs()
     print(f"device copy bandwidth {copy_gbs:.0f} GB/s")
@@ -206,7 +208,7 @@ def run(args) -> Path:
         return {"4bit": [4] * h, "mixed_2_4": mixed}
 
     result = {"gpu": gpu, "versions": {p: package_version(p) for p in ("torch", "apache-tvm", "apache-tvm-ffi")},
-              "python": platform.python_version(), "copy_bandwidth_gbs": copy_gbs,
+              "python": platform.python_version(), "copy_bandwidth_gbs": copy_gbs, "tuning_log": args.tuning_log,
               "prefill": bench_prefill(turbo, PREFILL_QUICK if args.quick else PREFILL_SHAPES)}
     result["decode"] = [] if args.skip_decode else bench_decode(
         turbo, DECODE_QUICK if args.quick else DECODE_SHAPES, copy_gbs, head_bits_of)

@@ -118,6 +118,10 @@ class TurboKVCache:
         dtype = dtype_name("k", k, runtime.config)
         if self.k_mean is None:
             self._start(runtime, k, v, dtype)
+        # every tensor this append replaces is read on the current stream first (cat, copy, decode
+        # before it): keep its memory from reuse until that work is done, whichever stream made it
+        _in_use_on_current_stream(self._open_k, self._open_v, self.buffer_k, self.buffer_v,
+                                  self.buffer_k_scale, self.buffer_v_scale)
         k_open = k.contiguous() if self._open_k is None else torch.cat((self._open_k, k), dim=2)
         v_open = v.contiguous() if self._open_v is None else torch.cat((self._open_v, v), dim=2)
         k8, k_scale = runtime.quantize(k_open, dtype, self.k_mean)
@@ -179,6 +183,8 @@ class TurboKVCache:
         needed = self.compressed_len + tokens
         if needed > self._capacity:
             capacity = max(needed, 2 * self._capacity, self._reserve)
+            for old in self.groups:
+                _in_use_on_current_stream(*old.tensors())
             self.groups = [self._grown(old, new, tokens, capacity) for old, new in
                            zip(self.groups or [None] * len(new_groups), new_groups)]
             self._capacity = capacity
@@ -219,6 +225,14 @@ class TurboKVCache:
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy that owns its memory."""
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def _in_use_on_current_stream(*tensors) -> None:
+    """``record_stream`` on the current stream: the caching allocator otherwise hands a freed tensor's
+    memory to new allocations of the stream that made it while this stream may still read it."""
+    for t in tensors:
+        if t is not None and t.is_cuda:
+            t.record_stream(torch.cuda.current_stream(t.device))
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -210,7 +210,7 @@ def decode_merge_cuda(head_dim: int, out_dtype: str):
     return decode_merge_func
 
 
-def decode_split_packed(head_dim: int, bits: int):
+def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
     """decode_split for a 2/4-bit group, computed on the packed codes without expanding them.
 
     Expansion is linear (x8 = code * step + zero: compression keeps the top code at or below 127),
@@ -221,6 +221,9 @@ def decode_split_packed(head_dim: int, bits: int):
       P·V:  pv_d = Σ_groups step_d Σ_j p_j code_jd + zero_d Σ_j p_j -> SIMD in a register: one
             multiply-add accumulates p_j * code for two channels in the 16-bit halves of a word.
     About 6x fewer instructions per tile than expanding to INT8, which is what decode's bandwidth needs.
+
+    prefetch (a tuning knob): 1 loads the next tile's codes into registers while this tile is
+    computed (more bytes in flight per CTA, 17 more registers); 0 loads each tile at its start.
     """
     D = head_dim
     per_word = 32 // bits  # codes per int32 word
@@ -235,7 +238,20 @@ def decode_split_packed(head_dim: int, bits: int):
     NTG = THREADS // WPR  # token groups in P·V
     PV_TOKENS = BK // NTG  # tokens per thread in P·V (the first half in stage-2 group 0)
     QS_WORDS = D // 4  # q' words per stage-2 group
+    PREFETCH = bool(prefetch)
     assert CACHE_K_OUTLIERS % 4 == 0 and GROUPS_PER_BLOCK == 2 and NTG * PV_TOKENS // 2 == CACHE_GROUP
+
+    @T.macro
+    def load_codes(k_w, v_w, k_dst, v_dst, b, g, tile, token, half, tg, word_col, length):
+        """Tile ``tile``'s packed codes to registers (tokens past ``length`` read as 0)."""
+        for i in T.unroll(QK_WORDS):
+            k_dst[i] = T.if_then_else(tile * BK + token < length, k_w[b, g, tile * BK + token, half * QK_WORDS + i], 0)
+        for i in T.unroll(KEPT_WORDS):
+            k_dst[QK_WORDS + i] = T.if_then_else(
+                T.And(tile * BK + token < length, half == 1),
+                T.bitwise_xor(k_w[b, g, tile * BK + token, WPR + i], -2139062144), 0)
+        for i in T.unroll(PV_TOKENS):
+            v_dst[i] = T.if_then_else(tile * BK + tg + NTG * i < length, v_w[b, g, tile * BK + tg + NTG * i, word_col], 0)
 
     def qs_channel(u, i):
         """Channel of byte i of q' word u = (packed word u // SPREAD, spread u % SPREAD)."""
@@ -285,6 +301,8 @@ def decode_split_packed(head_dim: int, bits: int):
                         red = T.sblock_alloc_buffer((4 * WARPS,), "float32", scope="shared")
                         k_reg = T.sblock_alloc_buffer((QK_WORDS + KEPT_WORDS,), "int32", scope="local")
                         v_reg = T.sblock_alloc_buffer((PV_TOKENS,), "int32", scope="local")
+                        k_next = T.sblock_alloc_buffer((QK_WORDS + KEPT_WORDS,), "int32", scope="local")
+                        v_next = T.sblock_alloc_buffer((PV_TOKENS,), "int32", scope="local")
                         simd = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * LANES,), "int32", scope="local")
                         qsw = T.sblock_alloc_buffer((2,), "int32", scope="local")
                         s_acc = T.sblock_alloc_buffer((2,), "int32", scope="local")  # hi, lo
@@ -312,19 +330,22 @@ def decode_split_packed(head_dim: int, bits: int):
                         st[0] = T.float32(NEG_BIG)
                         st[1] = T.float32(0)
                         acc[0] = T.float32(0)
+                        if PREFETCH:
+                            if first < last:
+                                load_codes(k_w, v_w, k_next, v_next, b, g, first, token, half, tg, word_col, length)
                         for kt in T.serial(last - first):
                             T.tvm_storage_sync("shared")
                             # ---- this tile's codes to registers (their latency overlaps the q' set-up)
-                            for i in T.unroll(QK_WORDS):
-                                k_reg[i] = T.if_then_else((first + kt) * BK + token < length,
-                                                          k_w[b, g, (first + kt) * BK + token, half * QK_WORDS + i], 0)
-                            for i in T.unroll(KEPT_WORDS):
-                                k_reg[QK_WORDS + i] = T.if_then_else(
-                                    T.And((first + kt) * BK + token < length, half == 1),
-                                    T.bitwise_xor(k_w[b, g, (first + kt) * BK + token, WPR + i], -2139062144), 0)
-                            for i in T.unroll(PV_TOKENS):
-                                v_reg[i] = T.if_then_else((first + kt) * BK + tg + NTG * i < length,
-                                                          v_w[b, g, (first + kt) * BK + tg + NTG * i, word_col], 0)
+                            if PREFETCH:
+                                for i in T.unroll(QK_WORDS + KEPT_WORDS):
+                                    k_reg[i] = k_next[i]
+                                for i in T.unroll(PV_TOKENS):
+                                    v_reg[i] = v_next[i]
+                                if first + kt + 1 < last:
+                                    load_codes(k_w, v_w, k_next, v_next, b, g, first + kt + 1, token, half, tg, word_col,
+                                               length)
+                            else:
+                                load_codes(k_w, v_w, k_reg, v_reg, b, g, first + kt, token, half, tg, word_col, length)
                             # ---- q' = q * step (0 on kept channels) as hi * 128 + lo bytes, per group
                             if tx < GROUPS_PER_BLOCK * QS_WORDS:
                                 qsw[0] = 0
@@ -347,7 +368,9 @@ def decode_split_packed(head_dim: int, bits: int):
                                         k_step[b, g, first + kt, gi, tx] > T.uint8(0),
                                         q_sh[tx] * T.Cast("int32", k_zero[b, g, first + kt, gi, tx]), 0))
                                 if k_step[b, g, first + kt, 0, tx] == T.uint8(0):
-                                    q_kept[T.Cast("int32", k_zero[b, g, first + kt, 0, tx])] = q_sh[tx]
+                                    # the slot, masked into range: a corrupt cache cannot write past q_kept
+                                    q_kept[T.bitwise_and(T.Cast("int32", k_zero[b, g, first + kt, 0, tx]),
+                                                         CACHE_K_OUTLIERS - 1)] = q_sh[tx]
                             for gi in T.unroll(GROUPS_PER_BLOCK):
                                 st[7 + gi] = T.cuda.warp_reduce(st[7 + gi], "sum", 32)
                                 if tx % 32 == 0:

@@ -1,8 +1,8 @@
 """Prefill attention on INT8 tensor cores (CUDA): the math of ``prefill.py`` mapped onto mma.sync.
 
 Same algorithm, same result (checked against turbotvm.reference), but written at warp level
-like MLC-LLM's TIR attention kernels, because the mapping *is* the kernel: a CTA of 4 warps owns
-64 query rows of one (batch, head); warp w owns rows 16w..16w+15 and keeps everything in
+like MLC-LLM's TIR attention kernels, because the mapping *is* the kernel: a CTA of 4 warps (the
+default; 2 or 8 as a tuning knob) owns 64 query rows of one (batch, head); warp w owns rows 16w..16w+15 and keeps everything in
 registers, FlashAttention-2 style:
 
 * Q·Kᵀ: ``mma.sync.m16n8k32.s32.s8.s8.s32``, Q fragments loaded once, K tiles staged in shared
@@ -20,10 +20,9 @@ from tvm.script import tirx as T
 from ..algorithm import INT8_MAX, QUANT_BLOCK, SAS_MAX_INT, SAS_POLY
 from .sas import NEG_BIG, SAS_TABLE, sas_exp_from_table, sas_table_entry
 
-BQ = 64  # query rows per CTA (= FlashQ block: one Q scale per CTA)
 BK = QUANT_BLOCK  # keys per tile (= FlashQ block: one K and one V scale per tile)
-WARPS = 4
-THREADS = 32 * WARPS
+WARPS = 4  # default warps per CTA (16 query rows each): BQ = 64 rows = one FlashQ block
+WARP_CHOICES = (4, 2, 8)  # the tuning knob's values: 32, 64 or 128 query rows per CTA
 ROW_PAD_WORDS = 4  # 16 bytes of padding per shared row: conflict-free fragment loads
 
 
@@ -69,7 +68,13 @@ def _mma(a_buf, a_off, b_buf, b_off, c_buf, c_off):
                             a_buf.data, a_off, b_buf.data, b_off, c_buf.data, c_off, False, dtype="int32")
 
 
-def prefill_tc(head_dim: int, causal: bool, out_dtype: str):
+def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
+    """warps (a tuning knob): 16 query rows each. More warps share each staged K/V tile among more
+    rows (less traffic per row); fewer give smaller CTAs for the tail and for short sequences."""
+    if warps not in WARP_CHOICES:
+        raise ValueError(f"warps: expected one of {WARP_CHOICES}, got {warps}")
+    BQ = 16 * warps  # query rows per CTA
+    THREADS = 32 * warps
     D = head_dim
     DW = D // 4  # int32 words per row of D int8 codes
     KSTEPS = D // 32  # k-steps of Q·Kᵀ
@@ -185,9 +190,11 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str):
                         t4: T.let[T.int32] = tx % 4
                         row0: T.let[T.int32] = qt * BQ + warp * 16 + g
                         row1: T.let[T.int32] = row0 + 8
-                        qk_scale: T.let[T.float32] = q_scale[b, h, qt] * sm_scale
+                        # the warp's rows lie in one FlashQ block (clamped: a warp past N reads a valid scale)
+                        qk_scale: T.let[T.float32] = q_scale[
+                            b, h, T.min(T.truncdiv(qt * BQ + warp * 16, QUANT_BLOCK), NQB - 1)] * sm_scale
 
-                        if tx < len(SAS_TABLE):
+                        if tx < len(SAS_TABLE):  # 11 entries: fewer than the smallest CTA
                             sas_table[tx] = sas_table_entry(tx)
                         for ks in T.unroll(KSTEPS):
                             q_frag[ks * 4 + 0] = T.if_then_else(row0 < N, q_w[b, h, row0, d_word(ks, 0, t4, KSTEPS)], 0)

@@ -25,6 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1, help="shape bucket: batch")
     p.add_argument("--heads", type=int, default=8, help="shape bucket: query heads")
     p.add_argument("--kv-heads", type=int, default=2, help="shape bucket: KV heads")
+    p.add_argument("--splits", type=int, default=4,
+                   help="shape bucket: decode KV splits per head (the runtime uses about 8 CTAs per SM)")
     p.add_argument("--population", type=int, default=128, help="evolutionary search population (default 128)")
     p.add_argument("--seed", type=int, default=None)
 
@@ -51,7 +53,8 @@ def run(args, console) -> int:
 
     target = make_target(args.target)
     config = KernelSetConfig(tuple(int(d) for d in args.head_dims.split(",")), tuple(args.dtypes.split(",")))
-    bucket = ShapeBucket(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_len=args.seq_len)
+    bucket = ShapeBucket(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_len=args.seq_len,
+                         splits=args.splits)
     out = Path(args.out) if args.out else Path("tuning_logs") / arch_name(target)
     families = [f.strip() for f in args.kernels.split(",") if f.strip()]
     only = [k.strip() for k in args.only.split(",")] if args.only else None

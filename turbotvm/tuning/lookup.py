@@ -63,7 +63,7 @@ def tuned_kernels(tuning_log, funcs: dict, target) -> dict:
         fresh = [w for w in by_kernel.get(name, []) if w.meta["kernel_hash"] == kernel_fingerprint(func)]
         if by_kernel.get(name) and not fresh:
             stale.append(name)
-        best = min((w for w in fresh if w.best()), key=lambda w: w.best()[1], default=None)
+        best = _best_of_largest_bucket(fresh)
         if best is None:
             untuned.append(name)
             continue
@@ -74,6 +74,21 @@ def tuned_kernels(tuning_log, funcs: dict, target) -> dict:
         _notice(f"turbotvm: tuning log {log_dir} has no record for {len(untuned)} of {len(funcs)} kernels{why}; "
                 f"hand schedule for: {shown}")
     return tuned
+
+
+def _best_of_largest_bucket(logged_workloads):
+    """The workload to build from: a build holds one kernel per name for every shape, and times of
+    different buckets do not compare, so the largest tuned bucket (where the time goes) decides."""
+    measured = [w for w in logged_workloads if w.best()]
+    if not measured:
+        return None
+
+    def work(w):
+        bucket = w.meta["bucket"]
+        return bucket["batch"] * bucket["heads"] * bucket["seq_len"]
+
+    largest = max(work(w) for w in measured)
+    return min((w for w in measured if work(w) == largest), key=lambda w: w.best()[1])
 
 
 def _notice(message: str) -> None:

@@ -51,16 +51,18 @@ class HandMappedFamily:
 def _cuda_families() -> dict:
     from ..kernels import decode_cuda, prefill_tc, quantize_cuda
 
-    # To give a kernel knobs: lift its module constants (prefill_tc.WARPS / BQ, decode_cuda.THREADS,
-    # quantize_cuda.THREADS) into keyword parameters of the factory and list the choices here.
+    # A knob is a keyword parameter of the factory; its choices are listed here, the default first.
     return {
         "prefill_tc": HandMappedFamily(r"prefill_tc_(full|causal)_d(\d+)_(\w+)", prefill_tc.prefill_tc,
-                                       lambda m: (int(m[2]), m[1] == "causal", m[3])),
+                                       lambda m: (int(m[2]), m[1] == "causal", m[3]),
+                                       knobs={"warps": prefill_tc.WARP_CHOICES}),
         "quantize_rows": HandMappedFamily(r"quantize_rows_(smoothed_)?(\w+?)_d(\d+)", quantize_cuda.quantize_rows,
                                           lambda m: (m[2], int(m[3]), bool(m[1]), False)),
         "quantize_vt": HandMappedFamily(r"quantize_vt_(\w+?)_d(\d+)", quantize_cuda.quantize_rows,
                                         lambda m: (m[1], int(m[2]), False, True)),
-        "decode_split_cuda": HandMappedFamily(r"decode_split_b(\d+)_d(\d+)", decode_cuda.decode_split_cuda,
+        "decode_split_packed": HandMappedFamily(r"decode_split_b([24])_d(\d+)", decode_cuda.decode_split_packed,
+                                                lambda m: (int(m[2]), int(m[1])), knobs={"prefetch": (0, 1)}),
+        "decode_split_cuda": HandMappedFamily(r"decode_split_b(8)_d(\d+)", decode_cuda.decode_split_cuda,
                                               lambda m: (int(m[2]), int(m[1]))),
         "decode_merge_cuda": HandMappedFamily(r"decode_merge_d(\d+)_(\w+)", decode_cuda.decode_merge_cuda,
                                               lambda m: (int(m[1]), m[2])),

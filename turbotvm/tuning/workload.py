@@ -107,6 +107,9 @@ def specialize(func: tirx.PrimFunc, sizes: dict, scalars: dict) -> tirx.PrimFunc
     """``func`` with every buffer shape and scalar argument bound to a concrete value."""
     bindings = {}
     for param in func.params:
+        if isinstance(param.ty, tirx.buffer.BufferType) and not all(isinstance(s, (tirx.Var, tirx.IntImm))
+                                                                    for s in param.shape):
+            continue  # a derived shape (e.g. NKB * 64): concrete once the other buffers bind its variables
         if isinstance(param.ty, tirx.buffer.BufferType):
             analyzer = Analyzer()
             for shape in param.shape:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The tuning runs behind tuning_logs/sm_90 (one H200): every knob setting of the hand-mapped
+# kernels, measured at the benchmark's shapes. Re-running with the same OUT skips what is logged.
+#   bash benchmarks/tune_sm90.sh [OUT] [prefill|decode|all]
+set -euo pipefail
+OUT=${1:-tuning_logs/sm_90}
+WHAT=${2:-all}
+TARGET='{"kind":"cuda","arch":"sm_90"}'
+tune() { python3 -m turbotvm.cli tune --target "$TARGET" --dtypes float16 --head-dims 64,128 --out "$OUT" "$@"; }
+
+if [[ $WHAT == all || $WHAT == prefill ]]; then
+  # B=1, H=32, N=16K: the prefill target's shapes (warps per CTA: 4, 2, 8)
+  tune --kernels prefill --seq-len 16384 --heads 32 --kv-heads 32 --trials 3 \
+    --only prefill_tc_full_d64_float16,prefill_tc_causal_d64_float16,prefill_tc_full_d128_float16,prefill_tc_causal_d128_float16
+fi
+if [[ $WHAT == all || $WHAT == decode ]]; then
+  # H=32, L=32K, with the split counts the runtime picks on 132 SMs (about 8 CTAs per SM)
+  kernels=decode_split_b4_d64,decode_split_b4_d128,decode_split_b2_d64,decode_split_b2_d128
+  tune --kernels decode --batch 1 --seq-len 32768 --heads 32 --kv-heads 32 --splits 33 --trials 2 --only $kernels
+  tune --kernels decode --batch 16 --seq-len 32768 --heads 32 --kv-heads 32 --splits 3 --trials 2 --only $kernels
+fi
