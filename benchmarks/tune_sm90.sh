@@ -19,3 +19,5 @@ if [[ $WHAT == all || $WHAT == decode ]]; then
   tune --kernels decode --batch 1 --seq-len 32768 --heads 32 --kv-heads 32 --splits 33 --trials 2 --only $kernels
   tune --kernels decode --batch 16 --seq-len 32768 --heads 32 --kv-heads 32 --splits 3 --trials 2 --only $kernels
 fi
+# shipped compressed (whole kernels, ~0.5 MB each; lookup reads the .xz, tuning expands it to resume)
+if [[ -f $OUT/database_workload.json ]]; then xz -9 -f "$OUT/database_workload.json"; fi

@@ -118,6 +118,27 @@ def test_cache_key_includes_log_content(tuned_log, log_copy):
     assert len({entry_name("llvm", SMALL, k) for k in (plain, keyed, retuned)}) == 3
 
 
+def test_xz_compressed_log_builds_the_same_and_resumes(log_copy):
+    """Shipped logs keep the workload file xz-compressed; lookup reads it, tuning expands it to resume."""
+    import lzma
+
+    with pytest.warns(TuningNotice):
+        plain = {n: f.script() for n, f in tuned_kernels(log_copy, small_funcs(), TARGET).items()}
+    key = cache_key("llvm", SMALL, tuning_log=log_copy)["tuning_log_sha256"]
+    (log_copy / (WORKLOADS + ".xz")).write_bytes(lzma.compress((log_copy / WORKLOADS).read_bytes()))
+    (log_copy / WORKLOADS).unlink()
+    with pytest.warns(TuningNotice):
+        compressed = {n: f.script() for n, f in tuned_kernels(log_copy, small_funcs(), TARGET).items()}
+    assert compressed == plain and sorted(compressed) == sorted(TUNED)
+    assert cache_key("llvm", SMALL, tuning_log=log_copy)["tuning_log_sha256"] != key  # the file differs
+    (result,) = quick_tune(log_copy, ["quantize_float32"], TUNED["quantize_float32"])
+    assert result.new_trials == 0 and (log_copy / WORKLOADS).is_file()  # expanded, nothing re-measured
+    (log_copy / WORKLOADS).unlink()
+    (log_copy / (WORKLOADS + ".xz")).write_bytes(b"\xfd7zXZ\x00 truncated")
+    with pytest.raises(TuningLogError, match=r"database_workload.json.xz: not a complete xz file"):
+        schedule_module(small_funcs(), TARGET, tuning_log=log_copy)
+
+
 # ----------------------------------------------------------------------------- missing and bad logs
 
 

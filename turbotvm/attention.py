@@ -180,7 +180,6 @@ class TurboAttention:
 
     # ------------------------------------------------------------------ decode
 
-    @on_torch_stream
     def _quantize_query(self, q, dtype):
         """INT8 query: on CUDA through the block-parallel kernel (the generic one is one thread per block)."""
         if self.device_type != "cuda":
@@ -214,6 +213,7 @@ class TurboAttention:
         tiles = max(1, -(-compressed_len // QUANT_BLOCK))
         return max(1, min(tiles, -(-CTAS_PER_SM * sms // (q.shape[0] * q.shape[1]))))
 
+    @on_torch_stream
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
         """Attention of one query token q [B,H,1,D] over the whole compressed cache."""
         was_numpy = isinstance(q, np.ndarray)

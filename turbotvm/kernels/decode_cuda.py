@@ -94,13 +94,22 @@ def decode_split_cuda(head_dim: int, bits: int):
                         pv = T.sblock_alloc_buffer((2,), "int32", scope="local")  # P·V, P sum
                         code = T.sblock_alloc_buffer((1,), "int32", scope="local")
 
-                        b: T.let[T.int32] = T.truncdiv(by, HG * group_size)
-                        g: T.let[T.int32] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
-                        hq: T.let[T.int32] = heads[g] * group_size + T.truncmod(by, group_size)
-                        n_tiles: T.let[T.int32] = T.ceildiv(length, BK)
-                        per_split: T.let[T.int32] = T.ceildiv(n_tiles, num_splits)
-                        first: T.let[T.int32] = T.min(split * per_split, n_tiles)
-                        last: T.let[T.int32] = T.min(first + per_split, n_tiles)
+                        # batch, KV head, query head and tile range of this CTA, through shared memory:
+                        # as expressions of runtime sizes ptxas would redo their divisions at every use
+                        ids = T.sblock_alloc_buffer((5,), "int32", scope="shared")
+                        if tx == 0:
+                            ids[0] = T.truncdiv(by, HG * group_size)
+                            ids[1] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
+                            ids[2] = heads[T.truncdiv(T.truncmod(by, HG * group_size), group_size)] * group_size + \
+                                T.truncmod(by, group_size)
+                            ids[3] = T.min(split * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
+                            ids[4] = T.min((split + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
+                        T.tvm_storage_sync("shared")
+                        b: T.let[T.int32] = ids[0]
+                        g: T.let[T.int32] = ids[1]
+                        hq: T.let[T.int32] = ids[2]
+                        first: T.let[T.int32] = ids[3]
+                        last: T.let[T.int32] = ids[4]
                         token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
                         half: T.let[T.int32] = tx % 2
 
@@ -177,9 +186,19 @@ def decode_split_cuda(head_dim: int, bits: int):
     return decode_split_func
 
 
+MERGE_SLOT_GROUPS = 4  # merge: warps per channel group, each summing every 4th split
+
+
 def decode_merge_cuda(head_dim: int, out_dtype: str):
-    """One CTA per (batch, head), one thread per channel: SAS-weighted sum of the split states."""
+    """One CTA per (batch, head): SAS-weighted sum of the split states.
+
+    The splits' states are read in parallel (4 slot groups x D channels): a serial walk over ~30
+    splits is one dependent global load after another, ~20 us at B = 1, as long as the split kernel.
+    """
     D = head_dim
+    G = MERGE_SLOT_GROUPS
+    THREADS_M = G * D
+    WARPS_M = THREADS_M // 32
 
     @T.prim_func(s_tir=True)
     def decode_merge_func(o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, out_h: T.handle):
@@ -189,23 +208,49 @@ def decode_merge_cuda(head_dim: int, out_dtype: str):
         l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
         out = T.match_buffer(out_h, (B, H, 1, D), out_dtype)
         for bh in T.thread_binding(B * H, thread="blockIdx.x"):
-            for tx in T.thread_binding(D, thread="threadIdx.x"):
+            for tx in T.thread_binding(THREADS_M, thread="threadIdx.x"):
                 with T.sblock("merge_row"):
                     T.reads(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
                     T.writes(out[0:B, 0:H, 0, 0:D])
-                    state = T.sblock_alloc_buffer((3,), "float32", scope="local")  # max, sum, acc
+                    warp_max = T.sblock_alloc_buffer((WARPS_M,), "float32", scope="shared")
+                    acc_sh = T.sblock_alloc_buffer((G * D,), "float32", scope="shared")
+                    sum_sh = T.sblock_alloc_buffer((G,), "float32", scope="shared")
+                    state = T.sblock_alloc_buffer((4,), "float32", scope="local")  # local max, max, sum, acc
                     b: T.let[T.int32] = T.truncdiv(bh, H)
                     h: T.let[T.int32] = T.truncmod(bh, H)
+                    c: T.let[T.int32] = T.truncmod(tx, D)  # channel
+                    sg: T.let[T.int32] = T.truncdiv(tx, D)  # slot group: splits sg, sg + G, ...
+                    # ---- the max over all splits: strided over the CTA, then across warps
                     state[0] = T.float32(NEG_BIG)
-                    state[1] = T.float32(0)
+                    for i in T.serial(T.ceildiv(S, THREADS_M)):
+                        if i * THREADS_M + tx < S:
+                            state[0] = T.max(state[0], m_part[b, h, i * THREADS_M + tx])
+                    state[0] = T.cuda.warp_reduce(state[0], "max", 32)
+                    if tx % 32 == 0:
+                        warp_max[tx // 32] = state[0]
+                    T.tvm_storage_sync("shared")
+                    state[1] = T.float32(NEG_BIG)
+                    for w in T.unroll(WARPS_M):
+                        state[1] = T.max(state[1], warp_max[w])
+                    # ---- this group's splits: weighted O for channel c (and the weighted sum once)
                     state[2] = T.float32(0)
-                    for s in T.serial(S):
-                        state[0] = T.max(state[0], m_part[b, h, s])
-                    for s in T.serial(S):
-                        state[1] = state[1] + sas_exp(m_part[b, h, s] - state[0]) * l_part[b, h, s]
-                        state[2] = state[2] + sas_exp(m_part[b, h, s] - state[0]) * o_part[b, h, s, tx]
-                    out[b, h, 0, tx] = T.Cast(out_dtype, T.if_then_else(
-                        state[1] > T.float32(0), state[2] / state[1], T.float32(0)))
+                    state[3] = T.float32(0)
+                    for i in T.serial(T.ceildiv(S - sg, G)):
+                        state[3] = state[3] + sas_exp(m_part[b, h, sg + i * G] - state[1]) * o_part[b, h, sg + i * G, c]
+                        if c == 0:
+                            state[2] = state[2] + sas_exp(m_part[b, h, sg + i * G] - state[1]) * l_part[b, h, sg + i * G]
+                    acc_sh[tx] = state[3]
+                    if c == 0:
+                        sum_sh[sg] = state[2]
+                    T.tvm_storage_sync("shared")
+                    if tx < D:
+                        state[2] = T.float32(0)
+                        state[3] = T.float32(0)
+                        for g in T.unroll(G):
+                            state[2] = state[2] + sum_sh[g]
+                            state[3] = state[3] + acc_sh[g * D + tx]
+                        out[b, h, 0, tx] = T.Cast(out_dtype, T.if_then_else(
+                            state[2] > T.float32(0), state[3] / state[2], T.float32(0)))
 
     return decode_merge_func
 
@@ -312,13 +357,22 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         code = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         pv_code = T.sblock_alloc_buffer((1,), "int32", scope="local")
 
-                        b: T.let[T.int32] = T.truncdiv(by, HG * group_size)
-                        g: T.let[T.int32] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
-                        hq: T.let[T.int32] = heads[g] * group_size + T.truncmod(by, group_size)
-                        n_tiles: T.let[T.int32] = T.ceildiv(length, BK)
-                        per_split: T.let[T.int32] = T.ceildiv(n_tiles, num_splits)
-                        first: T.let[T.int32] = T.min(split * per_split, n_tiles)
-                        last: T.let[T.int32] = T.min(first + per_split, n_tiles)
+                        # batch, KV head, query head and tile range of this CTA, through shared memory:
+                        # as expressions of runtime sizes ptxas would redo their divisions at every use
+                        ids = T.sblock_alloc_buffer((5,), "int32", scope="shared")
+                        if tx == 0:
+                            ids[0] = T.truncdiv(by, HG * group_size)
+                            ids[1] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
+                            ids[2] = heads[T.truncdiv(T.truncmod(by, HG * group_size), group_size)] * group_size + \
+                                T.truncmod(by, group_size)
+                            ids[3] = T.min(split * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
+                            ids[4] = T.min((split + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
+                        T.tvm_storage_sync("shared")
+                        b: T.let[T.int32] = ids[0]
+                        g: T.let[T.int32] = ids[1]
+                        hq: T.let[T.int32] = ids[2]
+                        first: T.let[T.int32] = ids[3]
+                        last: T.let[T.int32] = ids[4]
                         token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
                         half: T.let[T.int32] = tx % 2
                         grp: T.let[T.int32] = tx // (2 * CACHE_GROUP)  # the token's stage-2 group

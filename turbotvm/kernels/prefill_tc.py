@@ -144,159 +144,168 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
         k_w = T.decl_buffer((B, HKV, M, DW), "int32", data=k.data)
         vt_w = T.decl_buffer((B, HKV, D, NKB * KW), "int32", data=v8t.data)
         for bx in T.thread_binding(T.ceildiv(N, BQ), thread="blockIdx.x"):
-            for by in T.thread_binding(B * H, thread="blockIdx.y"):
-                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    with T.sblock("attention_tile"):
-                        T.reads(q_w[by // H, by % H, 0:N, 0:DW], q_scale[by // H, by % H, 0:NQB],
-                                k_w[by // H, 0:HKV, 0:M, 0:DW], k_scale[by // H, 0:HKV, 0:NKB],
-                                vt_w[by // H, 0:HKV, 0:D, 0:NKB * KW], v_scale[by // H, 0:HKV, 0:NKB])
-                        T.writes(out[by // H, by % H, 0:N, 0:D])
-                        k_tile = T.sblock_alloc_buffer((BK * K_STRIDE,), "int32", scope="shared")
-                        vt_tile = T.sblock_alloc_buffer((D * V_STRIDE,), "int32", scope="shared")
-                        sas_table = T.sblock_alloc_buffer((len(SAS_TABLE),), "float32", scope="shared")
-                        k_stage = T.sblock_alloc_buffer((K_CHUNKS * 4,), "int32", scope="local")
-                        v_stage = T.sblock_alloc_buffer((V_CHUNKS * 4,), "int32", scope="local")
-                        q_frag = T.sblock_alloc_buffer((KSTEPS * 4,), "int32", scope="local")
-                        # fragments are loaded 16 bytes at a time into *_vec, which TVM retypes as
-                        # int4; the mma operands must stay int32-indexed, hence the register copies
-                        k_vec = T.sblock_alloc_buffer((KSTEPS * 2,), "int32", scope="local")
-                        v_vec = T.sblock_alloc_buffer((4,), "int32", scope="local")
-                        k_frag = T.sblock_alloc_buffer((KSTEPS * 2,), "int32", scope="local")
-                        v_frag = T.sblock_alloc_buffer((4,), "int32", scope="local")
-                        s_acc = T.sblock_alloc_buffer((BK // 8 * 4,), "int32", scope="local")
-                        score = T.sblock_alloc_buffer((BK // 8 * 4,), "float32", scope="local")
-                        p_code = T.sblock_alloc_buffer((BK // 8 * 4,), "int32", scope="local")
-                        p_frag = T.sblock_alloc_buffer((BK // 32 * 4,), "int32", scope="local")
-                        pv_acc = T.sblock_alloc_buffer((4,), "int32", scope="local")
-                        o_acc = T.sblock_alloc_buffer((DTILES * 4,), "float32", scope="local")
-                        tile_scale = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        # per owned row (g, g + 8): running max, partial sum, tile max, rescale, P scale
-                        m = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                        l = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                        tile_max = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                        corr = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                        p_scale = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                        p_inv = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                        pv_scale = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                        p_sum = T.sblock_alloc_buffer((2,), "int32", scope="local")
+            # heads on y and batch on z: b and h need no division by the runtime H
+            for by in T.thread_binding(H, thread="blockIdx.y"):
+                for bz in T.thread_binding(B, thread="blockIdx.z"):
+                    for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        with T.sblock("attention_tile"):
+                            T.reads(q_w[bz, by, 0:N, 0:DW], q_scale[bz, by, 0:NQB],
+                                    k_w[bz, 0:HKV, 0:M, 0:DW], k_scale[bz, 0:HKV, 0:NKB],
+                                    vt_w[bz, 0:HKV, 0:D, 0:NKB * KW], v_scale[bz, 0:HKV, 0:NKB])
+                            T.writes(out[bz, by, 0:N, 0:D])
+                            k_tile = T.sblock_alloc_buffer((BK * K_STRIDE,), "int32", scope="shared")
+                            vt_tile = T.sblock_alloc_buffer((D * V_STRIDE,), "int32", scope="shared")
+                            sas_table = T.sblock_alloc_buffer((len(SAS_TABLE),), "float32", scope="shared")
+                            k_stage = T.sblock_alloc_buffer((K_CHUNKS * 4,), "int32", scope="local")
+                            v_stage = T.sblock_alloc_buffer((V_CHUNKS * 4,), "int32", scope="local")
+                            q_frag = T.sblock_alloc_buffer((KSTEPS * 4,), "int32", scope="local")
+                            # fragments are loaded 16 bytes at a time into *_vec, which TVM retypes as
+                            # int4; the mma operands must stay int32-indexed, hence the register copies
+                            k_vec = T.sblock_alloc_buffer((KSTEPS * 2,), "int32", scope="local")
+                            v_vec = T.sblock_alloc_buffer((4,), "int32", scope="local")
+                            k_frag = T.sblock_alloc_buffer((KSTEPS * 2,), "int32", scope="local")
+                            v_frag = T.sblock_alloc_buffer((4,), "int32", scope="local")
+                            s_acc = T.sblock_alloc_buffer((BK // 8 * 4,), "int32", scope="local")
+                            score = T.sblock_alloc_buffer((BK // 8 * 4,), "float32", scope="local")
+                            p_code = T.sblock_alloc_buffer((BK // 8 * 4,), "int32", scope="local")
+                            p_frag = T.sblock_alloc_buffer((BK // 32 * 4,), "int32", scope="local")
+                            pv_acc = T.sblock_alloc_buffer((4,), "int32", scope="local")
+                            o_acc = T.sblock_alloc_buffer((DTILES * 4,), "float32", scope="local")
+                            tile_scale = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            # per owned row (g, g + 8): running max, partial sum, tile max, rescale, P scale
+                            m = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            l = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            tile_max = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            corr = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            p_scale = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            p_inv = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            pv_scale = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            p_sum = T.sblock_alloc_buffer((2,), "int32", scope="local")
 
-                        # truncating division: all non-negative, and it spares floordiv's sign fix-ups
-                        b: T.let[T.int32] = T.truncdiv(by, H)
-                        h: T.let[T.int32] = T.truncmod(by, H)
-                        kvh: T.let[T.int32] = T.truncdiv(h, T.truncdiv(H, HKV))
-                        qt: T.let[T.int32] = query_tile(bx, N)
-                        warp: T.let[T.int32] = tx // 32
-                        g: T.let[T.int32] = tx % 32 // 4
-                        t4: T.let[T.int32] = tx % 4
-                        row0: T.let[T.int32] = qt * BQ + warp * 16 + g
-                        row1: T.let[T.int32] = row0 + 8
-                        # the warp's rows lie in one FlashQ block (clamped: a warp past N reads a valid scale)
-                        qk_scale: T.let[T.float32] = q_scale[
-                            b, h, T.min(T.truncdiv(qt * BQ + warp * 16, QUANT_BLOCK), NQB - 1)] * sm_scale
-
-                        if tx < len(SAS_TABLE):  # 11 entries: fewer than the smallest CTA
-                            sas_table[tx] = sas_table_entry(tx)
-                        for ks in T.unroll(KSTEPS):
-                            q_frag[ks * 4 + 0] = T.if_then_else(row0 < N, q_w[b, h, row0, d_word(ks, 0, t4, KSTEPS)], 0)
-                            q_frag[ks * 4 + 1] = T.if_then_else(row1 < N, q_w[b, h, row1, d_word(ks, 0, t4, KSTEPS)], 0)
-                            q_frag[ks * 4 + 2] = T.if_then_else(row0 < N, q_w[b, h, row0, d_word(ks, 4, t4, KSTEPS)], 0)
-                            q_frag[ks * 4 + 3] = T.if_then_else(row1 < N, q_w[b, h, row1, d_word(ks, 4, t4, KSTEPS)], 0)
-                        for r in T.unroll(2):
-                            m[r] = T.float32(NEG_BIG)
-                            l[r] = T.float32(0)
-                        for i in T.unroll(DTILES * 4):
-                            o_acc[i] = T.float32(0)
-
-                        if num_kv_tiles(qt, N, M) > 0:
-                            load_tile(k_w, vt_w, k_stage, v_stage, b, kvh, 0, tx, M)
-                        for kt in T.serial(num_kv_tiles(qt, N, M)):
-                            # ---- the prefetched tile goes to shared memory; the next one is loaded
-                            # into registers while this one is computed (global latency hidden)
+                            # truncating division: all non-negative, and it spares floordiv's sign fix-ups
+                            b: T.let[T.int32] = bz
+                            h: T.let[T.int32] = by
+                            # The KV head goes through shared memory: as an expression of the runtime H
+                            # and HKV, ptxas recomputes its two integer divisions at every K/V address
+                            # of the tile loop (240 live registers), which made the kernel 1.5x slower.
+                            kvh_sh = T.sblock_alloc_buffer((1,), "int32", scope="shared")
+                            if tx == 0:
+                                kvh_sh[0] = T.truncdiv(h, T.truncdiv(H, HKV))
                             T.tvm_storage_sync("shared")
-                            for c in T.unroll(K_CHUNKS):
-                                for w in T.vectorized(4):
-                                    k_tile[(c * THREADS + tx) // (DW // 4) * K_STRIDE + (c * THREADS + tx) % (DW // 4) * 4 + w] = k_stage[c * 4 + w]
-                            for c in T.unroll(V_CHUNKS):
-                                for w in T.vectorized(4):
-                                    vt_tile[(c * THREADS + tx) // (KW // 4) * V_STRIDE + (c * THREADS + tx) % (KW // 4) * 4 + w] = v_stage[c * 4 + w]
-                            T.tvm_storage_sync("shared")
-                            if kt + 1 < num_kv_tiles(qt, N, M):
-                                load_tile(k_w, vt_w, k_stage, v_stage, b, kvh, kt + 1, tx, M)
+                            kvh: T.let[T.int32] = kvh_sh[0]
+                            qt: T.let[T.int32] = query_tile(bx, N)
+                            warp: T.let[T.int32] = tx // 32
+                            g: T.let[T.int32] = tx % 32 // 4
+                            t4: T.let[T.int32] = tx % 4
+                            row0: T.let[T.int32] = qt * BQ + warp * 16 + g
+                            row1: T.let[T.int32] = row0 + 8
+                            # the warp's rows lie in one FlashQ block (clamped: a warp past N reads a valid scale)
+                            qk_scale: T.let[T.float32] = q_scale[
+                                b, h, T.min(T.truncdiv(qt * BQ + warp * 16, QUANT_BLOCK), NQB - 1)] * sm_scale
 
-                            # ---- S = Q·Kᵀ (INT32), 8 n-tiles of 8 keys
-                            for i in T.unroll(BK // 8 * 4):
-                                s_acc[i] = 0
-                            for nt in T.unroll(BK // 8):
-                                for c in T.unroll(KSTEPS // 2):
+                            if tx < len(SAS_TABLE):  # 11 entries: fewer than the smallest CTA
+                                sas_table[tx] = sas_table_entry(tx)
+                            for ks in T.unroll(KSTEPS):
+                                q_frag[ks * 4 + 0] = T.if_then_else(row0 < N, q_w[b, h, row0, d_word(ks, 0, t4, KSTEPS)], 0)
+                                q_frag[ks * 4 + 1] = T.if_then_else(row1 < N, q_w[b, h, row1, d_word(ks, 0, t4, KSTEPS)], 0)
+                                q_frag[ks * 4 + 2] = T.if_then_else(row0 < N, q_w[b, h, row0, d_word(ks, 4, t4, KSTEPS)], 0)
+                                q_frag[ks * 4 + 3] = T.if_then_else(row1 < N, q_w[b, h, row1, d_word(ks, 4, t4, KSTEPS)], 0)
+                            for r in T.unroll(2):
+                                m[r] = T.float32(NEG_BIG)
+                                l[r] = T.float32(0)
+                            for i in T.unroll(DTILES * 4):
+                                o_acc[i] = T.float32(0)
+
+                            if num_kv_tiles(qt, N, M) > 0:
+                                load_tile(k_w, vt_w, k_stage, v_stage, b, kvh, 0, tx, M)
+                            for kt in T.serial(num_kv_tiles(qt, N, M)):
+                                # ---- the prefetched tile goes to shared memory; the next one is loaded
+                                # into registers while this one is computed (global latency hidden)
+                                T.tvm_storage_sync("shared")
+                                for c in T.unroll(K_CHUNKS):
                                     for w in T.vectorized(4):
-                                        k_vec[c * 4 + w] = k_tile[(nt * 8 + g) * K_STRIDE + t4 * KSTEPS * 2 + c * 4 + w]
-                                for w in T.unroll(KSTEPS * 2):
-                                    k_frag[w] = k_vec[w]
-                                for ks in T.unroll(KSTEPS):
-                                    T.evaluate(_mma(q_frag, ks * 4, k_frag, ks * 2, s_acc, nt * 4))
+                                        k_tile[(c * THREADS + tx) // (DW // 4) * K_STRIDE + (c * THREADS + tx) % (DW // 4) * 4 + w] = k_stage[c * 4 + w]
+                                for c in T.unroll(V_CHUNKS):
+                                    for w in T.vectorized(4):
+                                        vt_tile[(c * THREADS + tx) // (KW // 4) * V_STRIDE + (c * THREADS + tx) % (KW // 4) * 4 + w] = v_stage[c * 4 + w]
+                                T.tvm_storage_sync("shared")
+                                if kt + 1 < num_kv_tiles(qt, N, M):
+                                    load_tile(k_w, vt_w, k_stage, v_stage, b, kvh, kt + 1, tx, M)
 
-                            # ---- scores (exact int -> float), masked only on tiles that cross an edge
-                            tile_scale[0] = qk_scale * k_scale[b, kvh, kt]
-                            for i in T.unroll(BK // 8 * 4):
-                                score[i] = _int_to_float(s_acc[i]) * tile_scale[0]
-                            if tile_needs_mask(qt, kt, N, M):
+                                # ---- S = Q·Kᵀ (INT32), 8 n-tiles of 8 keys
                                 for i in T.unroll(BK // 8 * 4):
-                                    if masked(row0 + i % 4 // 2 * 8, kt * BK + i // 4 * 8 + t4 * 2 + i % 2, N, M):
-                                        score[i] = T.float32(NEG_BIG)
-                            for r in T.unroll(2):
-                                tile_max[r] = T.float32(NEG_BIG)
-                            for i in T.unroll(BK // 8 * 4):
-                                tile_max[i % 4 // 2] = T.max(tile_max[i % 4 // 2], score[i])
-                            for r in T.unroll(2):
-                                tile_max[r] = T.cuda.warp_reduce(tile_max[r], "max", 4)
-                                corr[r] = sas_exp_from_table(m[r] - T.max(m[r], tile_max[r]), sas_table)
-                                p_scale[r] = sas_exp_from_table(tile_max[r] - T.max(m[r], tile_max[r]),
-                                                                sas_table) / T.float32(INT8_MAX)
-                                # P = 0 for a row with no visible key yet (max still NEG_BIG) and for a
-                                # tile entirely below the SAS threshold (p_scale = 0)
-                                p_inv[r] = T.if_then_else(T.And(tile_max[r] > T.float32(NEG_BIG), p_scale[r] > T.float32(0)),
-                                                          T.float32(1) / p_scale[r], T.float32(0))
-                                pv_scale[r] = p_scale[r] * v_scale[b, kvh, kt]
-                                m[r] = T.max(m[r], tile_max[r])
-                                p_sum[r] = 0
+                                    s_acc[i] = 0
+                                for nt in T.unroll(BK // 8):
+                                    for c in T.unroll(KSTEPS // 2):
+                                        for w in T.vectorized(4):
+                                            k_vec[c * 4 + w] = k_tile[(nt * 8 + g) * K_STRIDE + t4 * KSTEPS * 2 + c * 4 + w]
+                                    for w in T.unroll(KSTEPS * 2):
+                                        k_frag[w] = k_vec[w]
+                                    for ks in T.unroll(KSTEPS):
+                                        T.evaluate(_mma(q_frag, ks * 4, k_frag, ks * 2, s_acc, nt * 4))
 
-                            # ---- P codes (0..127; masked keys fall past the table's last entry -> 0)
-                            for i in T.unroll(BK // 8 * 4):
-                                p_code[i] = sas_code(score[i], m[i % 4 // 2], p_inv[i % 4 // 2], sas_table)
-                                p_sum[i % 4 // 2] = p_sum[i % 4 // 2] + p_code[i]
-                            for ks in T.unroll(BK // 32):
-                                for a in T.unroll(4):
-                                    # a: 0 = row g, keys 0-15 of the step; 1 = row g+8; 2, 3: keys 16-31
-                                    p_frag[ks * 4 + a] = (
-                                        p_code[(ks * 4 + a // 2 * 2) * 4 + a % 2 * 2]
-                                        | T.shift_left(p_code[(ks * 4 + a // 2 * 2) * 4 + a % 2 * 2 + 1], 8)
-                                        | T.shift_left(p_code[(ks * 4 + a // 2 * 2 + 1) * 4 + a % 2 * 2], 16)
-                                        | T.shift_left(p_code[(ks * 4 + a // 2 * 2 + 1) * 4 + a % 2 * 2 + 1], 24))
-                            for r in T.unroll(2):
-                                l[r] = l[r] * corr[r] + p_scale[r] * T.Cast("float32", p_sum[r])
+                                # ---- scores (exact int -> float), masked only on tiles that cross an edge
+                                tile_scale[0] = qk_scale * k_scale[b, kvh, kt]
+                                for i in T.unroll(BK // 8 * 4):
+                                    score[i] = _int_to_float(s_acc[i]) * tile_scale[0]
+                                if tile_needs_mask(qt, kt, N, M):
+                                    for i in T.unroll(BK // 8 * 4):
+                                        if masked(row0 + i % 4 // 2 * 8, kt * BK + i // 4 * 8 + t4 * 2 + i % 2, N, M):
+                                            score[i] = T.float32(NEG_BIG)
+                                for r in T.unroll(2):
+                                    tile_max[r] = T.float32(NEG_BIG)
+                                for i in T.unroll(BK // 8 * 4):
+                                    tile_max[i % 4 // 2] = T.max(tile_max[i % 4 // 2], score[i])
+                                for r in T.unroll(2):
+                                    tile_max[r] = T.cuda.warp_reduce(tile_max[r], "max", 4)
+                                    corr[r] = sas_exp_from_table(m[r] - T.max(m[r], tile_max[r]), sas_table)
+                                    p_scale[r] = sas_exp_from_table(tile_max[r] - T.max(m[r], tile_max[r]),
+                                                                    sas_table) / T.float32(INT8_MAX)
+                                    # P = 0 for a row with no visible key yet (max still NEG_BIG) and for a
+                                    # tile entirely below the SAS threshold (p_scale = 0)
+                                    p_inv[r] = T.if_then_else(T.And(tile_max[r] > T.float32(NEG_BIG), p_scale[r] > T.float32(0)),
+                                                              T.float32(1) / p_scale[r], T.float32(0))
+                                    pv_scale[r] = p_scale[r] * v_scale[b, kvh, kt]
+                                    m[r] = T.max(m[r], tile_max[r])
+                                    p_sum[r] = 0
 
-                            # ---- O = O * corr + p_scale * v_scale * (P·V), one 8-wide d tile at a time
+                                # ---- P codes (0..127; masked keys fall past the table's last entry -> 0)
+                                for i in T.unroll(BK // 8 * 4):
+                                    p_code[i] = sas_code(score[i], m[i % 4 // 2], p_inv[i % 4 // 2], sas_table)
+                                    p_sum[i % 4 // 2] = p_sum[i % 4 // 2] + p_code[i]
+                                for ks in T.unroll(BK // 32):
+                                    for a in T.unroll(4):
+                                        # a: 0 = row g, keys 0-15 of the step; 1 = row g+8; 2, 3: keys 16-31
+                                        p_frag[ks * 4 + a] = (
+                                            p_code[(ks * 4 + a // 2 * 2) * 4 + a % 2 * 2]
+                                            | T.shift_left(p_code[(ks * 4 + a // 2 * 2) * 4 + a % 2 * 2 + 1], 8)
+                                            | T.shift_left(p_code[(ks * 4 + a // 2 * 2 + 1) * 4 + a % 2 * 2], 16)
+                                            | T.shift_left(p_code[(ks * 4 + a // 2 * 2 + 1) * 4 + a % 2 * 2 + 1], 24))
+                                for r in T.unroll(2):
+                                    l[r] = l[r] * corr[r] + p_scale[r] * T.Cast("float32", p_sum[r])
+
+                                # ---- O = O * corr + p_scale * v_scale * (P·V), one 8-wide d tile at a time
+                                for nt in T.unroll(DTILES):
+                                    for i in T.unroll(4):
+                                        pv_acc[i] = 0
+                                    for w in T.vectorized(4):
+                                        v_vec[w] = vt_tile[(nt * 8 + g) * V_STRIDE + t4 * 4 + w]
+                                    for w in T.unroll(4):
+                                        v_frag[w] = v_vec[w]
+                                    for ks in T.unroll(BK // 32):
+                                        T.evaluate(_mma(p_frag, ks * 4, v_frag, ks * 2, pv_acc, 0))
+                                    for i in T.unroll(4):
+                                        o_acc[nt * 4 + i] = o_acc[nt * 4 + i] * corr[i // 2] + pv_scale[i // 2] * \
+                                            _int_to_float(pv_acc[i])
+
+                            # ---- normalise by the row sum (partial per lane: reduce over the row's 4 lanes)
+                            for r in T.unroll(2):
+                                l[r] = T.cuda.warp_reduce(l[r], "sum", 4)
                             for nt in T.unroll(DTILES):
                                 for i in T.unroll(4):
-                                    pv_acc[i] = 0
-                                for w in T.vectorized(4):
-                                    v_vec[w] = vt_tile[(nt * 8 + g) * V_STRIDE + t4 * 4 + w]
-                                for w in T.unroll(4):
-                                    v_frag[w] = v_vec[w]
-                                for ks in T.unroll(BK // 32):
-                                    T.evaluate(_mma(p_frag, ks * 4, v_frag, ks * 2, pv_acc, 0))
-                                for i in T.unroll(4):
-                                    o_acc[nt * 4 + i] = o_acc[nt * 4 + i] * corr[i // 2] + pv_scale[i // 2] * \
-                                        _int_to_float(pv_acc[i])
-
-                        # ---- normalise by the row sum (partial per lane: reduce over the row's 4 lanes)
-                        for r in T.unroll(2):
-                            l[r] = T.cuda.warp_reduce(l[r], "sum", 4)
-                        for nt in T.unroll(DTILES):
-                            for i in T.unroll(4):
-                                if row0 + i // 2 * 8 < N:
-                                    out[b, h, row0 + i // 2 * 8, nt * 8 + t4 * 2 + i % 2] = T.Cast(
-                                        out_dtype, T.if_then_else(l[i // 2] > T.float32(0),
-                                                                  o_acc[nt * 4 + i] / l[i // 2], T.float32(0)))
+                                    if row0 + i // 2 * 8 < N:
+                                        out[b, h, row0 + i // 2 * 8, nt * 8 + t4 * 2 + i % 2] = T.Cast(
+                                            out_dtype, T.if_then_else(l[i // 2] > T.float32(0),
+                                                                      o_acc[nt * 4 + i] / l[i // 2], T.float32(0)))
 
     return prefill_tc_func

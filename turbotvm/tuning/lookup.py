@@ -17,7 +17,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
 from ..kernel_set import HAND_MAPPED
-from .records import RECORDS, WORKLOADS, TuningLogError, read_log
+from .records import RECORDS, WORKLOADS, TuningLogError, read_log, workload_file
 from .workload import arch_name, content_hash, kernel_fingerprint
 
 
@@ -33,7 +33,7 @@ def log_dir_for(tuning_log, target) -> Path | None:
     if root.is_file():
         raise TuningLogError(root, None, f"expected a directory holding {WORKLOADS} and {RECORDS}, got a file")
     for candidate in (root, root / arch_name(target)):
-        if (candidate / WORKLOADS).is_file():
+        if workload_file(candidate).is_file():
             return candidate
     return None
 
@@ -43,7 +43,7 @@ def log_hash(tuning_log, target) -> str | None:
     if tuning_log is None:
         return None
     found = log_dir_for(tuning_log, target)
-    return content_hash(found / WORKLOADS, found / RECORDS) if found else "no-log-for-" + arch_name(target)
+    return content_hash(workload_file(found), found / RECORDS) if found else "no-log-for-" + arch_name(target)
 
 
 def tuned_kernels(tuning_log, funcs: dict, target) -> dict:

@@ -2,7 +2,8 @@
 
 A log directory holds ``database_workload.json`` (one ``[shash, base64 module]`` per line) and
 ``database_tuning_record.json`` (one ``[workload index, [trace, run_secs, target, args_info]]``
-per line). A line that is not that, a workload without turbotvm's attribute (another tool's
+per line); the workload file may be xz-compressed (``database_workload.json.xz``: it holds
+whole kernels, ~0.5 MB each, and compresses ~35x), as shipped in ``tuning_logs/``. A line that is not that, a workload without turbotvm's attribute (another tool's
 log) or one written by another turbotvm log format or TVM version raises ``TuningLogError``
 naming the file and the line, instead of reaching TVM's parser (which aborts on bad input).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import lzma
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from .workload import ATTR, FORMAT
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
+WORKLOADS_XZ = WORKLOADS + ".xz"
 #: meta-schedule records a failed build or run with this run time.
 FAILED_SECONDS = 1e9
 
@@ -52,11 +55,33 @@ def _tvm_minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-def _lines(path: Path):
+def workload_file(log_dir) -> Path:
+    """The workload file of ``log_dir``: plain if present (tuning writes it), else the shipped ``.xz``."""
+    plain = Path(log_dir) / WORKLOADS
+    return plain if plain.is_file() or not (Path(log_dir) / WORKLOADS_XZ).is_file() else Path(log_dir) / WORKLOADS_XZ
+
+
+def expand_compressed(log_dir) -> None:
+    """Write the plain workload file next to a shipped ``.xz`` one, for TVM's database (tuning resumes)."""
+    path = workload_file(log_dir)
+    if path.name == WORKLOADS_XZ:
+        (Path(log_dir) / WORKLOADS).write_text(_read_text(path))
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text()
+        if path.name.endswith(".xz"):
+            with lzma.open(path, "rt") as f:
+                return f.read()
+        return path.read_text()
     except UnicodeDecodeError as err:
         raise TuningLogError(path, None, f"not a text file ({err})") from None
+    except (lzma.LZMAError, EOFError) as err:
+        raise TuningLogError(path, None, f"not a complete xz file ({err})") from None
+
+
+def _lines(path: Path):
+    text = _read_text(path)
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
@@ -124,7 +149,7 @@ def _record(path: Path, number: int, entry, workloads: int):
 def read_log(log_dir) -> list[LoggedWorkload]:
     """Every workload of the log in ``log_dir`` with its records, after checking each line."""
     log_dir = Path(log_dir)
-    workload_path, record_path = log_dir / WORKLOADS, log_dir / RECORDS
+    workload_path, record_path = workload_file(log_dir), log_dir / RECORDS
     workloads = [LoggedWorkload(number, _workload_meta(workload_path, number, entry), entry)
                  for number, entry in (_lines(workload_path) if workload_path.is_file() else ())]
     if record_path.is_file():
