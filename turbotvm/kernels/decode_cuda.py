@@ -33,6 +33,18 @@ def _pack4(b0, b1, b2, b3):
             | T.shift_left(T.bitwise_and(b2, 255), 16) | T.shift_left(b3, 24))
 
 
+@T.macro
+def cta_ids(ids, tx, by, split, heads, HG, group_size, num_splits, length):
+    """Batch, KV head (within the group), query head and tile range [first, last) of a split CTA."""
+    if tx == 0:
+        ids[0] = T.truncdiv(by, HG * group_size)
+        ids[1] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
+        ids[2] = heads[T.truncdiv(T.truncmod(by, HG * group_size), group_size)] * group_size + T.truncmod(by, group_size)
+        ids[3] = T.min(split * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
+        ids[4] = T.min((split + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
+    T.tvm_storage_sync("shared")
+
+
 def decode_split_cuda(head_dim: int, bits: int):
     """decode_split for the INT8 buffer of recent tokens (bits = 8): stages rows in shared memory.
 
@@ -97,14 +109,7 @@ def decode_split_cuda(head_dim: int, bits: int):
                         # batch, KV head, query head and tile range of this CTA, through shared memory:
                         # as expressions of runtime sizes ptxas would redo their divisions at every use
                         ids = T.sblock_alloc_buffer((5,), "int32", scope="shared")
-                        if tx == 0:
-                            ids[0] = T.truncdiv(by, HG * group_size)
-                            ids[1] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
-                            ids[2] = heads[T.truncdiv(T.truncmod(by, HG * group_size), group_size)] * group_size + \
-                                T.truncmod(by, group_size)
-                            ids[3] = T.min(split * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
-                            ids[4] = T.min((split + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
-                        T.tvm_storage_sync("shared")
+                        cta_ids(ids, tx, by, split, heads, HG, group_size, num_splits, length)
                         b: T.let[T.int32] = ids[0]
                         g: T.let[T.int32] = ids[1]
                         hq: T.let[T.int32] = ids[2]
@@ -360,14 +365,7 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         # batch, KV head, query head and tile range of this CTA, through shared memory:
                         # as expressions of runtime sizes ptxas would redo their divisions at every use
                         ids = T.sblock_alloc_buffer((5,), "int32", scope="shared")
-                        if tx == 0:
-                            ids[0] = T.truncdiv(by, HG * group_size)
-                            ids[1] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
-                            ids[2] = heads[T.truncdiv(T.truncmod(by, HG * group_size), group_size)] * group_size + \
-                                T.truncmod(by, group_size)
-                            ids[3] = T.min(split * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
-                            ids[4] = T.min((split + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
-                        T.tvm_storage_sync("shared")
+                        cta_ids(ids, tx, by, split, heads, HG, group_size, num_splits, length)
                         b: T.let[T.int32] = ids[0]
                         g: T.let[T.int32] = ids[1]
                         hq: T.let[T.int32] = ids[2]
