@@ -312,3 +312,16 @@ def test_hand_mapped_knob_variants_are_tuned_and_rebuilt(tmp_path, monkeypatch):
     out = np.empty_like(x)
     tvm.compile(tvm.IRModule({"scale_rows_d64": rebuilt}), target=TARGET)["scale_rows_d64"](x, out)
     assert np.array_equal(out, 2 * x)
+
+
+def test_shipped_sm90_log_is_fresh_for_these_kernels():
+    """tuning_logs/sm_90 was tuned for the current CUDA kernel code: a kernel change needs a re-tune."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "tuning_logs"
+    target = make_target({"kind": "cuda", "arch": "sm_90"})
+    funcs = make_kernel_set(KernelSetConfig((64, 128), ("float16",)), "cuda").funcs
+    with pytest.warns(TuningNotice, match="has no record for 17 of 25 kernels;"):  # none stale
+        tuned = tuned_kernels(shipped, funcs, target)
+    assert sorted(tuned) == sorted(n for n in funcs if n.startswith(("prefill_tc_", "decode_split_b4", "decode_split_b2")))
+    assert all(f.attrs[HAND_MAPPED] for f in tuned.values())
