@@ -116,8 +116,9 @@ def test_cache_cuda_matches_reference(cuda_runtime, rng):
     check()
     append(70)
     check()
-    assert (cache.length, cache.compressed_len) == (200, 192)
+    assert (cache.length, cache.compressed_len, cache.packed_len) == (200, 192, 128)
     assert cache.k_mean.is_cuda and all(t.is_cuda for g in cache.groups for t in g.tensors())
+    assert all(t.is_cuda for t in (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale))
 
 
 def test_torch_compile_cuda(cuda_runtime, rng):

@@ -195,6 +195,26 @@ def test_bad_decode_cache_device(no_kernels, rng):
         turbo_decode(torch.randn(1, 4, 1, 64), cache)
 
 
+def test_bad_decode_sink_args(no_kernels, rng):
+    cache = int8_buffer_cache(rng)
+    args = list(cache_as_op_args(cache))  # (k_mean, packed, group_bits, head_bits, buffer_* x4, sink_* x4, length, compressed_len)
+    q = torch.randn(1, 4, 1, 64)
+    sink = [torch.zeros((1, 2, 64, 64), dtype=torch.int8), torch.ones((1, 2, 1)),
+            torch.zeros((1, 2, 64, 64), dtype=torch.int8), torch.ones((1, 2, 1))]
+    with pytest.raises(ValueError, match=r"sink_\*: expected all four tensors when compressed_len > 0 \(it is 0\), else none"):
+        torch.ops.turbotvm.turbo_decode(q, *args[:8], *sink, *args[12:])
+    # a cache of 104 tokens: the sink block, no packed block, 40 in the buffer
+    args[12:14] = [104, 64]
+    with pytest.raises(ValueError, match=r"sink_\*: expected all four tensors .* got \['sink_k'\]"):
+        torch.ops.turbotvm.turbo_decode(q, *args[:8], sink[0], None, None, None, *args[12:])
+    with pytest.raises(ValueError, match=r"sink_v_scale: expected shape \(1, 2, 1\) and dtype torch.float32"):
+        torch.ops.turbotvm.turbo_decode(q, *args[:8], *sink[:3], torch.ones((1, 2, 2)), *args[12:])
+    with pytest.raises(ValueError, match=r"sink_k: expected shape \(1, 2, 64, 64\) and dtype torch.int8"):
+        torch.ops.turbotvm.turbo_decode(q, *args[:8], sink[0][:, :, :40], *sink[1:], *args[12:])
+    with pytest.raises(ValueError, match=r"sink_v: expected a tensor on cpu \(same as q\), got meta"):
+        torch.ops.turbotvm.turbo_decode(q, *args[:8], *sink[:2], sink[2].to("meta"), sink[3], *args[12:])
+
+
 def test_bad_decode_cache_object(no_kernels):
     with pytest.raises(TypeError, match=r"cache: expected a TurboKVCache or CompressedKV, got dict"):
         turbo_decode(torch.randn(1, 4, 1, 64), {})

@@ -124,7 +124,8 @@ class TurboAttention:
 
     @on_torch_stream
     def compress_kv(self, k, v, head_bits) -> CompressedKV:
-        """Quantize K (smoothed) and V to INT8 and compress each full 64-token block to its head's bits."""
+        """Quantize K (smoothed) and V to INT8; keep the first 64-token block at INT8 (the sink block) and
+        compress each later full block to its head's bits."""
         k, v = as_tensor("k", k), as_tensor("v", v)
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, 4, self.device_type)
@@ -142,9 +143,12 @@ class TurboAttention:
         nblocks = length // QUANT_BLOCK
         compressed_len = nblocks * QUANT_BLOCK
         cache = CompressedKV(head_bits, d, length, compressed_len, k_mean)
-        if nblocks:
-            k8_full, v8_full = k8[:, :, :compressed_len].contiguous(), v8[:, :, :compressed_len].contiguous()
-            ks_full, vs_full = k_scale[:, :, :nblocks].contiguous(), v_scale[:, :, :nblocks].contiguous()
+        if nblocks:  # block 0: the sink, kept at its INT8 codes
+            cache.sink_k, cache.sink_v = k8[:, :, :QUANT_BLOCK].contiguous(), v8[:, :, :QUANT_BLOCK].contiguous()
+            cache.sink_k_scale, cache.sink_v_scale = k_scale[:, :, :1].contiguous(), v_scale[:, :, :1].contiguous()
+        if nblocks > 1:
+            k8_full, v8_full = k8[:, :, QUANT_BLOCK:compressed_len].contiguous(), v8[:, :, QUANT_BLOCK:compressed_len].contiguous()
+            ks_full, vs_full = k_scale[:, :, 1:nblocks].contiguous(), v_scale[:, :, 1:nblocks].contiguous()
             cache.groups = self.compress_blocks(k8_full, ks_full, v8_full, vs_full, head_bits)
         if compressed_len < length:
             cache.buffer_k = k8[:, :, compressed_len:].contiguous()
@@ -191,7 +195,7 @@ class TurboAttention:
         return q8, q_scale
 
     def _buffer_constants(self, device, batch: int, kv_heads: int, head_dim: int) -> tuple:
-        """Head ids and the (unread) step/zero arguments of the INT8-buffer decode: made once per shape.
+        """Head ids and the (unread) step/zero arguments of the INT8 decode (buffer and sink block): made once per shape.
 
         Allocating them per call cost three kernel launches per decoded token.
         """
@@ -232,27 +236,36 @@ class TurboAttention:
             raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {cache.k_mean.device}")
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
-        num_splits = int(num_splits) or self._auto_splits(q, cache.compressed_len)
+        sink_len = 0 if cache.sink_k is None else cache.sink_k.shape[2]
+        packed_len = cache.compressed_len - sink_len  # tokens the group tensors' kernels read
+        num_splits = int(num_splits) or self._auto_splits(q, packed_len)
         check_head_dim("q", d, self.config)
         scale = check_scale(scale, d)
         group_size = h // cache.num_kv_heads
         q8, q_scale = self._quantize_query(q, dtype)
         # every slot is written by exactly one split CTA (an empty split writes the neutral state),
-        # so the partials need no fill: slots [0, S) for the compressed prefix, then one for the buffer
+        # so the partials need no fill: slots [0, S) for the packed 4/2-bit blocks, then one for the
+        # INT8 sink block, then one for the INT8 buffer
         split_slots = num_splits if cache.groups else 0
-        slots = split_slots + (cache.buffer_k is not None)
+        sink_slot = split_slots
+        buffer_slot = sink_slot + (cache.sink_k is not None)
+        slots = buffer_slot + (cache.buffer_k is not None)
         o_part = torch.empty((b, h, slots, d), dtype=torch.float32, device=q.device)
         m_part = torch.empty((b, h, slots), dtype=torch.float32, device=q.device)
         l_part = torch.empty((b, h, slots), dtype=torch.float32, device=q.device)
         for group in cache.groups:
             self.kernels[names.decode_split_name(d, group.bits)](
-                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, num_splits, 0, cache.compressed_len)
-        if cache.buffer_k is not None:
+                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, num_splits, 0, packed_len)
+        int8_regions = ((cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale, sink_slot, sink_len),
+                        (cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale, buffer_slot,
+                         cache.length - cache.compressed_len))
+        for k8, k8_scale, v8, v8_scale, slot, tokens in int8_regions:
+            if k8 is None:
+                continue
             heads, unused_step, unused_zero = self._buffer_constants(q.device, b, cache.num_kv_heads, d)
             self.kernels[names.decode_split_name(d, 8)](
-                q8, q_scale, heads, cache.buffer_k, unused_step, unused_zero, cache.buffer_k_scale,
-                cache.buffer_v, unused_step, unused_zero, cache.buffer_v_scale,
-                o_part, m_part, l_part, scale, group_size, 1, split_slots, cache.length - cache.compressed_len)
+                q8, q_scale, heads, k8, unused_step, unused_zero, k8_scale, v8, unused_step, unused_zero, v8_scale,
+                o_part, m_part, l_part, scale, group_size, 1, slot, tokens)
         out = torch.empty_like(q)
         self.kernels[names.decode_merge_name(d, dtype)](o_part, m_part, l_part, out)
         return out.numpy() if was_numpy else out

@@ -1,12 +1,21 @@
 """The compressed KV cache as tensors: what the decode kernels read (docs/algorithm.md §2, §5).
 
-Tokens [0, compressed_len) are stored per bit width group (heads of equal bits together):
-packed codes [B, HG, Lc, D*bits/8 + kept] uint8, integer step/zero [B, HG, Lc/64, 64/CACHE_GROUP, D],
-the FlashQ INT8 scale [B, HG, Lc/64] and the group's global KV head ids. K's code rows end with
-kept = CACHE_K_OUTLIERS bytes: its widest channels of each 64-token block at INT8 (step 0, zero =
-the byte's slot; see kernels/kv_compress.py); V keeps none. Dim 2 of every tensor is the token or
-the 64-token block axis. Tokens [compressed_len, length) stay INT8 (the buffer of recent tokens,
-compressed once it holds 64).
+Three regions, in token order:
+
+- Tokens [0, sink_len): the sink block. The first 64-token block of every KV head stays at its
+  FlashQ INT8 codes (``sink_k``/``sink_v`` [B, H_kv, 64, D] int8, one scale each [B, H_kv, 1]) and is
+  never compressed to 4/2 bits: token 0 is the attention sink of most heads (docs/algorithm.md §2).
+  sink_len is 64 once the cache holds a whole block, else 0 (no sink tensors).
+- Tokens [sink_len, compressed_len): stored per bit width group (heads of equal bits together):
+  packed codes [B, HG, Lp, D*bits/8 + kept] uint8, integer step/zero [B, HG, Lp/64, 64/CACHE_GROUP, D],
+  the FlashQ INT8 scale [B, HG, Lp/64] and the group's global KV head ids, Lp = compressed_len -
+  sink_len (``packed_len``): row 0 of a group tensor is global token 64, its block 0 global block 1.
+  K's code rows end with kept = CACHE_K_OUTLIERS bytes: its widest channels of each 64-token block at
+  INT8 (step 0, zero = the byte's slot; see kernels/kv_compress.py); V keeps none. Dim 2 of every
+  tensor is the token or the 64-token block axis.
+- Tokens [compressed_len, length) stay INT8 (the buffer of recent tokens, compressed once it holds 64).
+
+``compressed_len`` is the tokens before the open block (sink + packed), a multiple of 64.
 """
 
 from __future__ import annotations
@@ -45,6 +54,20 @@ class CompressedKV:
     buffer_k_scale: torch.Tensor | None = None  # [B, H_kv, 1] float32
     buffer_v: torch.Tensor | None = None
     buffer_v_scale: torch.Tensor | None = None
+    sink_k: torch.Tensor | None = None  # [B, H_kv, 64, D] int8: block 0, never compressed
+    sink_k_scale: torch.Tensor | None = None  # [B, H_kv, 1] float32
+    sink_v: torch.Tensor | None = None
+    sink_v_scale: torch.Tensor | None = None
+
+    @property
+    def sink_len(self) -> int:
+        """Tokens of the INT8 sink block: 64, or 0 while the cache holds no whole block."""
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    @property
+    def packed_len(self) -> int:
+        """Tokens in the 4/2-bit groups: [sink_len, compressed_len)."""
+        return self.compressed_len - self.sink_len
 
     @property
     def num_kv_heads(self) -> int:
@@ -53,7 +76,8 @@ class CompressedKV:
     def nbytes(self) -> int:
         """Bytes held, scales and offsets included."""
         tensors = [self.k_mean] + [t for g in self.groups for t in g.tensors()]
-        tensors += [t for t in (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale) if t is not None]
+        tensors += [t for t in (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale,
+                                self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def fp16_nbytes(self) -> int:

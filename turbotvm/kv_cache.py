@@ -2,10 +2,14 @@
 
 Storage (docs/algorithm.md §2, §5):
 
-- Whole 64-token blocks [0, compressed_len): packed INT4/INT2 codes per bit-width group (a
+- The first 64-token block [0, 64), once it closes: the sink block, kept at its INT8 codes and
+  scales (``sink_*``), never compressed: token 0 is the attention sink of most heads, and its 2-bit
+  codes cost the most accuracy.
+- Later whole 64-token blocks [64, compressed_len): packed INT4/INT2 codes per bit-width group (a
   ``PackedGroup``), with integer step/zero and the INT8 block scale. They live in tensors with spare
   capacity along dim 2 that grow by doubling, so appending a block copies only that block
-  (amortised). The decode kernels read ``compressed_len`` tokens of them.
+  (amortised). Row 0 of them is token 64; the decode kernels read ``packed_len = compressed_len - 64``
+  tokens of them.
 - The open block [compressed_len, length), fewer than 64 tokens: the INT8 buffer the decode kernels
   read, plus the same tokens in their input dtype. FlashQ gives a block one INT8 scale, the absmax of
   all its tokens, so each append re-quantizes the open block from the exact values. Re-quantizing
@@ -18,7 +22,7 @@ softmax cancels, so any fixed offset is valid. Recomputing it would change the I
 block already compressed.
 
 The cache exposes the attributes of ``CompressedKV`` (head_bits, head_dim, length, compressed_len,
-k_mean, groups, buffer_*), so ``TurboAttention.decode`` and ``turbotvm.ops.turbo_decode`` read it
+k_mean, groups, buffer_*, sink_*), so ``TurboAttention.decode`` and ``turbotvm.ops.turbo_decode`` read it
 directly.
 """
 
@@ -43,9 +47,10 @@ class TurboKVCache:
     head_bits: bits per KV head (2 or 4). If None, the first append picks them with
     ``select_head_bits(k, v, share_2bit)``: the lowest-priority ``share_2bit`` of the heads go to 2 bits
     (default ``DEFAULT_2BIT_HEAD_SHARE``). runtime: the TurboAttention whose kernels compress and
-    decode; default: ``runtime_for`` the device of the first append. reserve_tokens: capacity to allocate
-    at the first compressed block (for example prompt + maximum new tokens), so the storage does not
-    grow until then; beyond it, it doubles.
+    decode; default: ``runtime_for`` the device of the first append. reserve_tokens: tokens to allocate
+    for at the first compressed block (for example prompt + maximum new tokens; the packed groups get
+    that, rounded up to whole blocks, less the 64-token sink block), so the storage does not grow until
+    then; beyond it, it doubles.
     """
 
     def __init__(self, head_bits=None, share_2bit: float | None = None, runtime: TurboAttention | None = None,
@@ -63,9 +68,11 @@ class TurboKVCache:
         self.groups: list[PackedGroup] = []  # tensors with spare capacity along dim 2
         self.compressed_len = 0
         self.buffer_k = self.buffer_k_scale = self.buffer_v = self.buffer_v_scale = None
+        self.sink_k = self.sink_k_scale = self.sink_v = self.sink_v_scale = None  # INT8 block 0, once closed
         self._open_k = self._open_v = None  # the open block's tokens in the input dtype
         self._capacity = 0  # tokens the group tensors can hold
-        self._reserve = -(-int(reserve_tokens) // QUANT_BLOCK) * QUANT_BLOCK  # whole blocks
+        # whole blocks, less the sink block (kept apart from the packed groups)
+        self._reserve = max(0, -(-int(reserve_tokens) // QUANT_BLOCK) * QUANT_BLOCK - QUANT_BLOCK)
         self._dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------ what it holds
@@ -75,8 +82,18 @@ class TurboKVCache:
         return self.compressed_len + (0 if self._open_k is None else self._open_k.shape[2])
 
     @property
+    def sink_len(self) -> int:
+        """Tokens of the INT8 sink block: 64 once the first block has closed, else 0."""
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    @property
+    def packed_len(self) -> int:
+        """Tokens in the packed 4/2-bit groups: [sink_len, compressed_len)."""
+        return self.compressed_len - self.sink_len
+
+    @property
     def capacity(self) -> int:
-        """Tokens the packed group tensors can hold before they grow (doubling)."""
+        """Tokens the packed group tensors can hold before they grow (doubling); the sink block is apart."""
         return self._capacity
 
     @property
@@ -98,9 +115,10 @@ class TurboKVCache:
         for group in self.groups:
             total += _nbytes(group.heads)
             for t in group.tensors():
-                rows = t.shape[2] if capacity else self._rows(t, self._capacity, self.compressed_len)
+                rows = t.shape[2] if capacity else self._rows(t, self._capacity, self.packed_len)
                 total += _nbytes(t) // t.shape[2] * rows
-        for t in (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale, self._open_k, self._open_v):
+        for t in (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale, self._open_k, self._open_v,
+                  self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale):
             total += 0 if t is None else _nbytes(t)
         return total
 
@@ -128,11 +146,18 @@ class TurboKVCache:
         v8, v_scale = runtime.quantize(v_open, dtype)
         blocks = k_open.shape[2] // QUANT_BLOCK
         closed = blocks * QUANT_BLOCK
-        if blocks:
+        first = 0  # the first closed block to compress
+        if blocks and self.sink_k is None:  # the first block to close is block 0: the sink, kept at INT8
+            self.sink_k, self.sink_v = _compact(k8[:, :, :QUANT_BLOCK]), _compact(v8[:, :, :QUANT_BLOCK])
+            self.sink_k_scale, self.sink_v_scale = _compact(k_scale[:, :, :1]), _compact(v_scale[:, :, :1])
+            self.compressed_len += QUANT_BLOCK
+            first = 1
+        if blocks > first:
             new_groups = runtime.compress_blocks(
-                k8[:, :, :closed].contiguous(), k_scale[:, :, :blocks].contiguous(),
-                v8[:, :, :closed].contiguous(), v_scale[:, :, :blocks].contiguous(), self.head_bits)
-            self._store(new_groups, closed)
+                k8[:, :, first * QUANT_BLOCK:closed].contiguous(), k_scale[:, :, first:blocks].contiguous(),
+                v8[:, :, first * QUANT_BLOCK:closed].contiguous(), v_scale[:, :, first:blocks].contiguous(),
+                self.head_bits)
+            self._store(new_groups, closed - first * QUANT_BLOCK)
         if closed < k_open.shape[2]:
             # copies, not views: with B * H_kv == 1 a slice is contiguous already, and a view would keep
             # the caller's tensor (or the INT8 codes of the whole prompt) alive
@@ -180,7 +205,8 @@ class TurboKVCache:
 
     def _store(self, new_groups: list[PackedGroup], tokens: int) -> None:
         """Write freshly compressed blocks after the stored ones, growing every group's tensors if full."""
-        needed = self.compressed_len + tokens
+        held = self.packed_len
+        needed = held + tokens
         if needed > self._capacity:
             capacity = max(needed, 2 * self._capacity, self._reserve)
             for old in self.groups:
@@ -190,9 +216,9 @@ class TurboKVCache:
             self._capacity = capacity
         for stored, new in zip(self.groups, new_groups):
             for dst, src in zip(stored.tensors(), new.tensors()):
-                start = self._rows(src, tokens, self.compressed_len)
+                start = self._rows(src, tokens, held)
                 dst[:, :, start:start + src.shape[2]].copy_(src)
-        self.compressed_len = needed
+        self.compressed_len += tokens
 
     def _grown(self, old: PackedGroup | None, new: PackedGroup, tokens: int, capacity: int) -> PackedGroup:
         """A group like ``new`` whose tensors hold ``capacity`` tokens, the stored ones copied over."""
@@ -203,7 +229,7 @@ class TurboKVCache:
             rows = self._rows(src, tokens, capacity)
             t = torch.empty((*src.shape[:2], rows, *src.shape[3:]), dtype=src.dtype, device=src.device)
             if old is not None:
-                kept = self._rows(src, tokens, self.compressed_len)
+                kept = self._rows(src, tokens, self.packed_len)
                 t[:, :, :kept].copy_(getattr(old, name)[:, :, :kept])
             grown[name] = t
         return dataclasses.replace(new, **grown)

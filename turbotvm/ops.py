@@ -68,19 +68,24 @@ def _turbo_attention_fake(q, k, v, causal=False, scale=None):
 def turbo_decode_op(q: Tensor, k_mean: Tensor, packed: list[Tensor], group_bits: list[int], head_bits: list[int],
                     buffer_k: Optional[Tensor], buffer_k_scale: Optional[Tensor],
                     buffer_v: Optional[Tensor], buffer_v_scale: Optional[Tensor],
+                    sink_k: Optional[Tensor], sink_k_scale: Optional[Tensor],
+                    sink_v: Optional[Tensor], sink_v_scale: Optional[Tensor],
                     length: int, compressed_len: int, scale: Optional[float] = None,
                     num_splits: int = DEFAULT_DECODE_SPLITS) -> Tensor:
     """Decode over a cache passed as tensors (see ``cache_as_op_args``); q [B,H,1,D] -> q's shape and dtype."""
     cache = _cache_from_op_args(q, k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale,
-                                buffer_v, buffer_v_scale, length, compressed_len, scale, num_splits)
+                                buffer_v, buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale,
+                                length, compressed_len, scale, num_splits)
     return runtime_for(q.device).decode(q, cache, scale=scale, num_splits=num_splits)
 
 
 @turbo_decode_op.register_fake
 def _turbo_decode_fake(q, k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale, buffer_v, buffer_v_scale,
-                       length, compressed_len, scale=None, num_splits=DEFAULT_DECODE_SPLITS):
+                       sink_k, sink_k_scale, sink_v, sink_v_scale, length, compressed_len, scale=None,
+                       num_splits=DEFAULT_DECODE_SPLITS):
     _cache_from_op_args(q, k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale,
-                        buffer_v, buffer_v_scale, length, compressed_len, scale, num_splits)
+                        buffer_v, buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale,
+                        length, compressed_len, scale, num_splits)
     return torch.empty_like(q)
 
 
@@ -91,11 +96,12 @@ def turbo_decode(q: Tensor, cache, scale: Optional[float] = None, num_splits: in
 
 def cache_as_op_args(cache) -> tuple:
     """The cache as the op takes it: (k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale,
-    buffer_v, buffer_v_scale, length, compressed_len).
+    buffer_v, buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale, length, compressed_len).
 
     ``packed`` lists each group's head ids then its ``PackedGroup.tensors()``, group after group; every
-    group has the same number of tensors. The group tensors may hold more tokens than ``compressed_len``
-    (a growing cache's spare capacity): the kernels read ``compressed_len`` of them.
+    group has the same number of tensors. The group tensors hold tokens [64, compressed_len) and may hold
+    more (a growing cache's spare capacity): the kernels read ``compressed_len - 64`` of them. The sink
+    tensors (the INT8 block 0) are present iff compressed_len > 0.
     """
     if not isinstance(cache, (TurboKVCache, CompressedKV)):
         raise TypeError(f"cache: expected a TurboKVCache or CompressedKV, got {type(cache).__name__}")
@@ -104,6 +110,7 @@ def cache_as_op_args(cache) -> tuple:
     packed = [t for group in cache.groups for t in (group.heads, *group.tensors())]
     return (cache.k_mean, packed, [int(g.bits) for g in cache.groups], [int(b) for b in cache.head_bits],
             cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale,
+            cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
             cache.length, cache.compressed_len)
 
 
@@ -118,14 +125,16 @@ class _GroupTensors:
 
 
 def _cache_from_op_args(q, k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale, buffer_v,
-                        buffer_v_scale, length, compressed_len, scale, num_splits) -> CompressedKV:
+                        buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale, length, compressed_len, scale,
+                        num_splits) -> CompressedKV:
     """Checks the op's arguments (before any kernel) and reassembles the CompressedKV they flatten."""
     check_tensor("q", q, 4, q.device.type)
     dtype_name("q", q, _ANY_BUILD)
     check_head_dim("q", q.shape[3], _ANY_BUILD)
     check_scale(scale, q.shape[3])
     buffers = {"buffer_k": buffer_k, "buffer_k_scale": buffer_k_scale, "buffer_v": buffer_v, "buffer_v_scale": buffer_v_scale}
-    _check_same_device(q, k_mean=k_mean, **buffers, **{f"packed[{i}]": t for i, t in enumerate(packed)})
+    sinks = {"sink_k": sink_k, "sink_k_scale": sink_k_scale, "sink_v": sink_v, "sink_v_scale": sink_v_scale}
+    _check_same_device(q, k_mean=k_mean, **buffers, **sinks, **{f"packed[{i}]": t for i, t in enumerate(packed)})
     if q.shape[2] != 1:
         raise ValueError(f"q: expected one token per sequence for decode ([B, H, 1, D]), got shape {tuple(q.shape)}")
     if group_bits and len(packed) % len(group_bits):
@@ -137,8 +146,20 @@ def _cache_from_op_args(q, k_mean, packed, group_bits, head_bits, buffer_k, buff
     if any(has_buffer) != all(has_buffer) or all(has_buffer) != (length > compressed_len):
         raise ValueError(f"buffer_*: expected all four tensors when length > compressed_len ({length} > {compressed_len}), "
                          f"else none; got {[n for n, t in buffers.items() if t is not None]}")
+    has_sink = [t is not None for t in sinks.values()]
+    if any(has_sink) != all(has_sink) or all(has_sink) != (compressed_len > 0):
+        raise ValueError(f"sink_*: expected all four tensors when compressed_len > 0 (it is {compressed_len}), else none; "
+                         f"got {[n for n, t in sinks.items() if t is not None]}")
+    if all(has_sink):
+        b, hkv, d = k_mean.shape
+        codes, scales = ((b, hkv, QUANT_BLOCK, d), torch.int8), ((b, hkv, 1), torch.float32)
+        for name, x, (shape, dtype) in (("sink_k", sink_k, codes), ("sink_k_scale", sink_k_scale, scales),
+                                        ("sink_v", sink_v, codes), ("sink_v_scale", sink_v_scale, scales)):
+            if tuple(x.shape) != shape or x.dtype != dtype:
+                raise ValueError(f"{name}: expected shape {shape} and dtype {dtype} (the INT8 sink block), "
+                                 f"got {tuple(x.shape)}, {x.dtype}")
     per_group = len(packed) // len(group_bits) if group_bits else 0
     groups = [_GroupTensors(bits, packed[i * per_group], packed[i * per_group + 1:(i + 1) * per_group])
               for i, bits in enumerate(group_bits)]
     return CompressedKV(tuple(head_bits), k_mean.shape[2], length, compressed_len, k_mean, groups,
-                        buffer_k, buffer_k_scale, buffer_v, buffer_v_scale)
+                        buffer_k, buffer_k_scale, buffer_v, buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale)

@@ -244,31 +244,40 @@ def decompress_int8(code, step, zero, kept=None):
 
 @dataclass
 class ReferenceCache:
-    """A compressed cache as the reference sees it: INT8 views after stage-2 round trip."""
+    """A compressed cache as the reference sees it: INT8 views after stage-2 round trip.
 
-    k8: np.ndarray  # [B,Hkv,L,D] int8, already decompressed for the compressed prefix
+    Tokens [0, sink_len) are the INT8 sink block (never compressed), [sink_len, compressed_len) went
+    through INT4/INT2 and back, [compressed_len, L) are the INT8 buffer.
+    """
+
+    k8: np.ndarray  # [B,Hkv,L,D] int8, already decompressed for [sink_len, compressed_len)
     ks: np.ndarray  # [B,Hkv,ceil(L/64)]
     v8: np.ndarray
     vs: np.ndarray
-    compressed_len: int  # tokens in the INT4/INT2 prefix (multiple of 64); the rest is the INT8 buffer
+    compressed_len: int  # tokens before the INT8 buffer (multiple of 64): the sink block + the INT4/INT2 blocks
+    sink_len: int = 0  # tokens of the INT8 sink block: 0 or 64
 
 
-def build_cache(k, v, head_bits, k_mean=None):
-    """Quantize K (smoothed), V to INT8, compress every full 64-token block per its head's bits.
+def build_cache(k, v, head_bits, k_mean=None, sink=True):
+    """Quantize K (smoothed), V to INT8; keep the first full 64-token block at INT8 (the sink block) and
+    compress every later full block per its head's bits.
 
     ``k_mean`` [B, Hkv, D] is the K smoothing offset; default: the mean over all tokens (a cache
     compressed in one go). A cache grown by appends fixes it from its first append instead.
+    ``sink=False`` compresses block 0 too (the layout before the sink block; for comparisons only,
+    the kernels have no such mode).
     """
     k8, ks = quantize_int8(k, smoothing_mean(k) if k_mean is None else k_mean)
     v8, vs = quantize_int8(v)
     length = k8.shape[2]
     compressed_len = (length // QUANT_BLOCK) * QUANT_BLOCK
+    sink_len = QUANT_BLOCK if sink and compressed_len else 0
     for x8, outliers in ((k8, CACHE_K_OUTLIERS), (v8, 0)):
         for head, bits in enumerate(head_bits):
-            part = x8[:, head : head + 1, :compressed_len]
-            if compressed_len:
-                x8[:, head : head + 1, :compressed_len] = decompress_int8(*compress_int8(part, int(bits), outliers))
-    return ReferenceCache(k8, ks, v8, vs, compressed_len)
+            part = x8[:, head : head + 1, sink_len:compressed_len]
+            if compressed_len > sink_len:
+                x8[:, head : head + 1, sink_len:compressed_len] = decompress_int8(*compress_int8(part, int(bits), outliers))
+    return ReferenceCache(k8, ks, v8, vs, compressed_len, sink_len)
 
 
 def decode_partition(num_blocks, num_splits):
@@ -280,7 +289,8 @@ def decode_partition(num_blocks, num_splits):
 def turbo_decode(q, cache: ReferenceCache, scale=None, num_splits=4):
     """One query token per head over the cache: split-KV partial states, merged with SAS weights.
 
-    Splits cover the compressed prefix; the INT8 buffer is one more partial state.
+    Splits cover the INT4/INT2 blocks [sink_len, compressed_len); the INT8 sink block is one more
+    partial state, the INT8 buffer another (merged in that order, as the kernels' slots).
     q: [B,H,1,D].
     """
     q = np.asarray(q, np.float64)
@@ -291,10 +301,12 @@ def turbo_decode(q, cache: ReferenceCache, scale=None, num_splits=4):
     k8, ks, v8, vs = (np.repeat(a, group, axis=1) for a in (cache.k8, cache.ks, cache.v8, cache.vs))
     row_scale = qs[:, :, :1] * scale  # [B,H,1]
     length = k8.shape[2]
-    ranges = decode_partition(cache.compressed_len // QUANT_BLOCK, num_splits)
+    first = cache.sink_len // QUANT_BLOCK  # the first INT4/INT2 block
+    ranges = decode_partition(cache.compressed_len // QUANT_BLOCK - first, num_splits)
+    sink_blocks = [range(0, first)] if first else []
     tail_blocks = range(cache.compressed_len // QUANT_BLOCK, -(-length // QUANT_BLOCK))
     partials = []
-    for blocks in [range(lo, hi) for lo, hi in ranges] + [tail_blocks]:
+    for blocks in [range(first + lo, first + hi) for lo, hi in ranges] + sink_blocks + [tail_blocks]:
         state = _OnlineSoftmax((b, h, 1), d)
         for t in blocks:
             cols = slice(t * QUANT_BLOCK, min(length, (t + 1) * QUANT_BLOCK))
