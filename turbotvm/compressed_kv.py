@@ -42,8 +42,22 @@ class PackedGroup:
         return (self.k_codes, self.k_step, self.k_zero, self.k_scale, self.v_codes, self.v_step, self.v_zero, self.v_scale)
 
 
+class SinkLayout:
+    """Token ranges of a cache with an INT8 sink block (``sink_k``) before its packed groups."""
+
+    @property
+    def sink_len(self) -> int:
+        """Tokens of the INT8 sink block: 64, or 0 while the cache holds no whole block."""
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    @property
+    def packed_len(self) -> int:
+        """Tokens in the 4/2-bit groups: [sink_len, compressed_len)."""
+        return self.compressed_len - self.sink_len
+
+
 @dataclass
-class CompressedKV:
+class CompressedKV(SinkLayout):
     head_bits: tuple  # bits per KV head
     head_dim: int
     length: int
@@ -58,16 +72,6 @@ class CompressedKV:
     sink_k_scale: torch.Tensor | None = None  # [B, H_kv, 1] float32
     sink_v: torch.Tensor | None = None
     sink_v_scale: torch.Tensor | None = None
-
-    @property
-    def sink_len(self) -> int:
-        """Tokens of the INT8 sink block: 64, or 0 while the cache holds no whole block."""
-        return 0 if self.sink_k is None else self.sink_k.shape[2]
-
-    @property
-    def packed_len(self) -> int:
-        """Tokens in the 4/2-bit groups: [sink_len, compressed_len)."""
-        return self.compressed_len - self.sink_len
 
     @property
     def num_kv_heads(self) -> int:

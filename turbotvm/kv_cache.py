@@ -36,12 +36,12 @@ import torch
 from .algorithm import CACHE_BITS, DEFAULT_2BIT_HEAD_SHARE, QUANT_BLOCK
 from .attention import TurboAttention
 from .calibration import select_head_bits
-from .compressed_kv import PackedGroup
+from .compressed_kv import PackedGroup, SinkLayout
 from .runtimes import runtime_for
 from .validation import check_head_dim, dtype_name
 
 
-class TurboKVCache:
+class TurboKVCache(SinkLayout):
     """Compressed K/V of one layer. ``append(k, v)`` adds tokens; decode with ``turbotvm.turbo_decode``.
 
     head_bits: bits per KV head (2 or 4). If None, the first append picks them with
@@ -80,16 +80,6 @@ class TurboKVCache:
     @property
     def length(self) -> int:
         return self.compressed_len + (0 if self._open_k is None else self._open_k.shape[2])
-
-    @property
-    def sink_len(self) -> int:
-        """Tokens of the INT8 sink block: 64 once the first block has closed, else 0."""
-        return 0 if self.sink_k is None else self.sink_k.shape[2]
-
-    @property
-    def packed_len(self) -> int:
-        """Tokens in the packed 4/2-bit groups: [sink_len, compressed_len)."""
-        return self.compressed_len - self.sink_len
 
     @property
     def capacity(self) -> int:
