@@ -236,8 +236,7 @@ class TurboAttention:
             raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {cache.k_mean.device}")
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
-        sink_len = 0 if cache.sink_k is None else cache.sink_k.shape[2]
-        packed_len = cache.compressed_len - sink_len  # tokens the group tensors' kernels read
+        sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read
         num_splits = int(num_splits) or self._auto_splits(q, packed_len)
         check_head_dim("q", d, self.config)
         scale = check_scale(scale, d)
