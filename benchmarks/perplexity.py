@@ -60,12 +60,14 @@ def make_cache(model, mode: str, share_2bit: float):
 @torch.no_grad()
 def score_window(model, ids: torch.Tensor, cache, prefix: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(NLL of tokens 1..prefix-1 from the prefill, NLL of tokens prefix.. through the cache), ids [1, W]."""
-    logits = model(ids[:, :prefix], cache=cache, use_cache=True).logits[0].float()
+    from turbotvm.integrations.transformers import cache_kwargs
+
+    logits = model(ids[:, :prefix], **cache_kwargs(model, cache), use_cache=True).logits[0].float()
     prefill_nll = F.cross_entropy(logits[:-1], ids[0, 1:prefix], reduction="none")
     predicting = [logits[-1:]]
     for start in range(prefix, ids.shape[1] - 1, chunk):
         stop = min(start + chunk, ids.shape[1] - 1)
-        predicting.append(model(ids[:, start:stop], cache=cache, use_cache=True).logits[0].float())
+        predicting.append(model(ids[:, start:stop], **cache_kwargs(model, cache), use_cache=True).logits[0].float())
     decode_nll = F.cross_entropy(torch.cat(predicting), ids[0, prefix:], reduction="none")
     return prefill_nll, decode_nll
 

@@ -32,10 +32,12 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 def generate(model, ids, max_new_tokens: int, cache=None) -> tuple[list, float]:
     """Greedy tokens and the seconds they took."""
+    from turbotvm.integrations.transformers import cache_kwargs
+
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, cache=cache)
+                             do_sample=False, **cache_kwargs(model, cache))
     return out[0, ids.shape[1]:].tolist(), time.perf_counter() - start
 
 

