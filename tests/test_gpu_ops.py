@@ -144,3 +144,31 @@ def test_cpu_cuda_mix_refused(cuda_runtime, rng):
     cache.append(k, v)
     with pytest.raises(ValueError, match=r"k_mean: expected a tensor on cpu \(same as q\), got cuda:0"):
         turbo_decode(q[:, :, :1].cpu().contiguous(), cache)
+
+
+def test_decode_workspace_reuse_is_ordered(cuda_runtime, rng):
+    """Back-to-back decodes share one scratch set per stream: each output stays its own query's,
+    also while the GPU is still busy when the next call is queued, and on two streams at once."""
+    bits = [4, 2, 4, 4]
+    q1, k, v = realistic_qkv(rng, 2, 8, 4, 1, 700, 128)
+    q2 = rng.standard_normal(q1.shape).astype(np.float32)
+    cache = cuda_runtime.compress_kv(*on_cuda((k, v)), bits)
+    expected = [ref.turbo_decode(q, ref.build_cache(k, v, bits), num_splits=5) for q in (q1, q2)]
+    queries = on_cuda((q1, q2))
+    workspaces = len(cuda_runtime._workspaces)
+    zero = busy(torch.cuda.current_stream())  # the queued calls wait behind ~10 ms of matmul
+    outs = [cuda_runtime.decode(q + zero, cache, num_splits=5) for q in queries]
+    assert len(cuda_runtime._workspaces) == workspaces + 1  # one shape, one stream: one set
+    for out, exp in zip(outs, expected):
+        assert cosine(f64(out), exp) >= 0.9999
+    streams = [torch.cuda.Stream() for _ in queries]
+    for s, q in zip(streams, queries):
+        s.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for s, q in zip(streams, queries):
+        zero = busy(s)
+        with torch.cuda.stream(s):
+            outs.append(cuda_runtime.decode(q + zero, cache, num_splits=5))
+    for s, out, exp in zip(streams, outs, expected):
+        s.synchronize()
+        assert cosine(f64(out), exp) >= 0.9999
