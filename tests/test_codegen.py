@@ -167,3 +167,14 @@ def test_every_cuda_knob_setting_compiles_for_sm90():
         assert f"{name}_kernel" in source
     # 8 warps: launch bounds of 256 threads, the same 64 mma per KV tile in each warp's code
     assert "__launch_bounds__(256) prefill_tc_2_kernel" in source.replace("void ", "")
+
+
+def test_module_for_another_cpu_is_refused(exported):
+    """A CPU build uses this machine's instruction set (mcpu); a module whose CPU has features this one lacks
+    is refused before its library is opened, instead of dying on an illegal instruction."""
+    manifest = json.loads((exported / MANIFEST).read_text())
+    assert json.loads(manifest["target"]).get("mcpu")  # 'llvm' built for this CPU
+    manifest["target"] = json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"})
+    (exported / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="whose instructions this CPU lacks"):
+        load(exported)

@@ -15,7 +15,7 @@ from pathlib import Path
 import tvm
 
 from ..kernel_set import KernelSetConfig
-from .build import CompiledKernels
+from .build import CompiledKernels, make_target, missing_cpu_features
 
 MANIFEST = "manifest.json"
 LIBRARY = "kernels.so"
@@ -86,6 +86,12 @@ def load(module_dir) -> CompiledKernels:
     built_with = manifest["versions"].get("tvm")
     if built_with != tvm.__version__:
         raise ValueError(f"{module_dir / MANIFEST}: built with TVM {built_with}, this is TVM {tvm.__version__}: rebuild it")
+    if manifest["target_kind"] == "llvm":
+        missing = missing_cpu_features(make_target(manifest["target"]))
+        if missing:
+            raise ValueError(f"{module_dir / MANIFEST}: built for CPU target {manifest['target']}, whose instructions this "
+                             f"CPU lacks ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}): rebuild it here, "
+                             "or build with a portable target such as {\"kind\": \"llvm\"}")
     library = module_dir / manifest["library"]
     if not library.is_file():
         raise FileNotFoundError(f"{library}: library named by the manifest is missing")

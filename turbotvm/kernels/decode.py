@@ -7,7 +7,8 @@ The code tensors may hold more rows than ``length`` (a cache's spare capacity); 
 ``length`` tokens are read. Tile = (batch, KV head of the group, query head of its GQA group,
 split); it writes an unnormalised partial state (acc, m, l) into slot ``slot_offset + split``.
 ``decode_merge(D)`` combines the slots with SAS weights (docs/algorithm.md §5). Same tile math as
-prefill, with one query row.
+prefill, with one query row; as there, K is expanded transposed and tokens past ``length`` to 0, so
+both integer products are rank-1 updates along a contiguous row that the CPU rule vectorizes.
 """
 
 from tvm import ir, tirx
@@ -70,7 +71,7 @@ def decode_split(head_dim: int, bits: int):
                         k_scale[vb, vg, 0:NB], v_codes[vb, vg, 0:L, 0:VW], _whole(v_step),
                         _whole(v_zero), v_scale[vb, vg, 0:NB])
                 T.writes(o_part[vb, 0:H, 0:S, 0:D], m_part[vb, 0:H, 0:S], l_part[vb, 0:H, 0:S])
-                k_tile = T.sblock_alloc_buffer((BK, D), "int8")
+                k_tile_t = T.sblock_alloc_buffer((D, BK), "int8")  # expanded K tile, transposed
                 v_tile = T.sblock_alloc_buffer((BK, D), "int8")
                 s_int = T.sblock_alloc_buffer((BK,), "int32")
                 score = T.sblock_alloc_buffer((BK,), "float32")
@@ -94,17 +95,17 @@ def decode_split(head_dim: int, bits: int):
                         with T.sblock("k_expand"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                             vj, vd = T.axis.remap("SS", [j, d])
-                            T.where((first + kt) * BK + j < length)
-                            k_tile[vj, vd] = T.Cast("int8", _load_int8(
-                                k_codes, k_step, k_zero, vb, vg, (first + vkt) * BK + vj, vd, bits, D, KW))
-                    for j, d in T.grid(BK, D):
+                            k_tile_t[vd, vj] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int8", _load_int8(
+                                k_codes, k_step, k_zero, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits, D,
+                                KW)), T.int8(0))
+                    for j in range(BK):
+                        with T.sblock("init_qk"):
+                            vj = T.axis.remap("S", [j])
+                            s_int[vj] = 0
+                    for d, j in T.grid(D, BK):
                         with T.sblock("qk"):
-                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
-                            vj, vd = T.axis.remap("SR", [j, d])
-                            T.where((first + kt) * BK + j < length)
-                            with T.init():
-                                s_int[vj] = 0
-                            s_int[vj] = s_int[vj] + T.Cast("int32", q[vb, hq, 0, vd]) * T.Cast("int32", k_tile[vj, vd])
+                            vd, vj = T.axis.remap("RS", [d, j])
+                            s_int[vj] = s_int[vj] + T.Cast("int32", q[vb, hq, 0, vd]) * T.Cast("int32", k_tile_t[vd, vj])
                     for j in range(BK):
                         with T.sblock("score"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
@@ -144,16 +145,16 @@ def decode_split(head_dim: int, bits: int):
                         with T.sblock("v_expand"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                             vj, vd = T.axis.remap("SS", [j, d])
-                            T.where((first + kt) * BK + j < length)
-                            v_tile[vj, vd] = T.Cast("int8", _load_int8(
-                                v_codes, v_step, v_zero, vb, vg, (first + vkt) * BK + vj, vd, bits, D, VW))
-                    for d, j in T.grid(D, BK):
+                            v_tile[vj, vd] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int8", _load_int8(
+                                v_codes, v_step, v_zero, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits, D,
+                                VW)), T.int8(0))
+                    for d in range(D):
+                        with T.sblock("init_pv"):
+                            vd = T.axis.remap("S", [d])
+                            pv_int[vd] = 0
+                    for j, d in T.grid(BK, D):
                         with T.sblock("pv"):
-                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
-                            vd, vj = T.axis.remap("SR", [d, j])
-                            T.where((first + kt) * BK + j < length)
-                            with T.init():
-                                pv_int[vd] = 0
+                            vj, vd = T.axis.remap("RS", [j, d])
                             pv_int[vd] = pv_int[vd] + T.Cast("int32", p_code[vj]) * T.Cast("int32", v_tile[vj, vd])
                     for d in range(D):
                         with T.sblock("update_acc"):
@@ -205,11 +206,13 @@ def decode_merge(head_dim: int, out_dtype: str):
                         with T.init():
                             l_all[0] = T.float32(0)
                         l_all[0] = l_all[0] + sas_exp(m_part[vb, vh, vs] - m_all[0]) * l_part[vb, vh, vs]
-                for d, s in T.grid(D, S):
+                for d in range(D):
+                    with T.sblock("init_acc"):
+                        vd = T.axis.remap("S", [d])
+                        acc[vd] = T.float32(0)
+                for s, d in T.grid(S, D):
                     with T.sblock("weighted"):
-                        vd, vs = T.axis.remap("SR", [d, s])
-                        with T.init():
-                            acc[vd] = T.float32(0)
+                        vs, vd = T.axis.remap("RS", [s, d])
                         acc[vd] = acc[vd] + sas_exp(m_part[vb, vh, vs] - m_all[0]) * o_part[vb, vh, vs, vd]
                 for d in range(D):
                     with T.sblock("store"):

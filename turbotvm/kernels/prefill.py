@@ -3,6 +3,12 @@
 One tile = (batch, query head, 64 query rows); it walks the KV sequence in 64-token tiles
 (the FlashQ blocks, so each KV tile has one K and one V scale). GQA: query head h reads KV head
 h // (H / H_kv). Causal masks are aligned bottom-right: row i sees keys j <= i + M - N.
+
+The Q tile and each K/V tile are staged in tile buffers (K transposed), zero past N and M, and
+the two integer matmuls are written as rank-1 updates whose innermost loop runs along a
+contiguous row (keys for Q·Kᵀ, channels for P·V): a vectorizing rule (the CPU's) then turns
+each update into a few SIMD multiply-adds, with no bounds test inside (this kernel is the CPU
+path; CUDA uses ``prefill_tc``). Integer sums are exact, so the order changes no result.
 """
 
 from tvm.script import tirx as T
@@ -45,6 +51,9 @@ def prefill(head_dim: int, causal: bool, out_dtype: str):
                 T.reads(q[vb, vh, 0:N, 0:D], q_scale[vb, vh, 0:NQB], k[vb, 0:HKV, 0:M, 0:D],
                         k_scale[vb, 0:HKV, 0:NKB], v[vb, 0:HKV, 0:M, 0:D], v_scale[vb, 0:HKV, 0:NKB])
                 T.writes(out[vb, vh, 0:N, 0:D])
+                q_tile = T.sblock_alloc_buffer((BQ, D), "int8")
+                k_tile_t = T.sblock_alloc_buffer((D, BK), "int8")  # K tile transposed: keys along rows
+                v_tile = T.sblock_alloc_buffer((BK, D), "int8")
                 s_int = T.sblock_alloc_buffer((BQ, BK), "int32")
                 score = T.sblock_alloc_buffer((BQ, BK), "float32")
                 p_code = T.sblock_alloc_buffer((BQ, BK), "int8")
@@ -66,16 +75,33 @@ def prefill(head_dim: int, causal: bool, out_dtype: str):
                     with T.sblock("init_acc"):
                         vi, vd = T.axis.remap("SS", [i, d])
                         acc[vi, vd] = T.float32(0)
+                for i, d in T.grid(BQ, D):
+                    with T.sblock("q_tile"):
+                        vi, vd = T.axis.remap("SS", [i, d])
+                        q_tile[vi, vd] = T.if_then_else(vqt * BQ + vi < N, q[vb, vh, T.min(vqt * BQ + vi, N - 1), vd],
+                                                        T.int8(0))
                 for kt in T.serial(num_kv_tiles(vqt, N, M)):
-                    for i, j, d in T.grid(BQ, BK, D):
-                        with T.sblock("qk"):
+                    for d, j in T.grid(D, BK):
+                        with T.sblock("k_tile"):
                             vkt = T.axis.opaque(T.ceildiv(M, BK), kt)
-                            vi, vj, vd = T.axis.remap("SSR", [i, j, d])
-                            T.where(T.And(vqt * BQ + i < N, kt * BK + j < M))
-                            with T.init():
-                                s_int[vi, vj] = 0
-                            s_int[vi, vj] = s_int[vi, vj] + T.Cast("int32", q[vb, vh, vqt * BQ + vi, vd]) * T.Cast(
-                                "int32", k[vb, kvh, vkt * BK + vj, vd])
+                            vd, vj = T.axis.remap("SS", [d, j])
+                            k_tile_t[vd, vj] = T.if_then_else(vkt * BK + vj < M,
+                                                              k[vb, kvh, T.min(vkt * BK + vj, M - 1), vd], T.int8(0))
+                    for j, d in T.grid(BK, D):
+                        with T.sblock("v_tile"):
+                            vkt = T.axis.opaque(T.ceildiv(M, BK), kt)
+                            vj, vd = T.axis.remap("SS", [j, d])
+                            v_tile[vj, vd] = T.if_then_else(vkt * BK + vj < M,
+                                                            v[vb, kvh, T.min(vkt * BK + vj, M - 1), vd], T.int8(0))
+                    for i, j in T.grid(BQ, BK):
+                        with T.sblock("init_qk"):
+                            vi, vj = T.axis.remap("SS", [i, j])
+                            s_int[vi, vj] = 0
+                    for i, d, j in T.grid(BQ, D, BK):
+                        with T.sblock("qk"):
+                            vi, vd, vj = T.axis.remap("SRS", [i, d, j])
+                            s_int[vi, vj] = s_int[vi, vj] + T.Cast("int32", q_tile[vi, vd]) * T.Cast(
+                                "int32", k_tile_t[vd, vj])
                     for i, j in T.grid(BQ, BK):
                         with T.sblock("score"):
                             vkt = T.axis.opaque(T.ceildiv(M, BK), kt)
@@ -114,15 +140,15 @@ def prefill(head_dim: int, causal: bool, out_dtype: str):
                             with T.init():
                                 p_sum[vi] = 0
                             p_sum[vi] = p_sum[vi] + T.Cast("int32", p_code[vi, vj])
-                    for i, d, j in T.grid(BQ, D, BK):
+                    for i, d in T.grid(BQ, D):
+                        with T.sblock("init_pv"):
+                            vi, vd = T.axis.remap("SS", [i, d])
+                            pv_int[vi, vd] = 0
+                    for i, j, d in T.grid(BQ, BK, D):
                         with T.sblock("pv"):
-                            vkt = T.axis.opaque(T.ceildiv(M, BK), kt)
-                            vi, vd, vj = T.axis.remap("SSR", [i, d, j])
-                            T.where(kt * BK + j < M)
-                            with T.init():
-                                pv_int[vi, vd] = 0
+                            vi, vj, vd = T.axis.remap("SRS", [i, j, d])
                             pv_int[vi, vd] = pv_int[vi, vd] + T.Cast("int32", p_code[vi, vj]) * T.Cast(
-                                "int32", v[vb, kvh, vkt * BK + vj, vd])
+                                "int32", v_tile[vj, vd])
                     for i in range(BQ):
                         with T.sblock("update_sum"):
                             vkt = T.axis.opaque(T.ceildiv(M, BK), kt)

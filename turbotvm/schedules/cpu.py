@@ -1,8 +1,9 @@
 """CPU (LLVM) rule: parallel over each kernel's independent tiles, vectorized inner loops.
 
-Tiles (batch, head, query tile / split) run on separate cores; inside a tile, loops over the
-head dim or the KV tile whose block is element-wise are vectorized, and the INT8 dot products
-(reductions over the head dim, innermost) are left to LLVM's loop vectorizer.
+Tiles (batch, head, query tile / split) run on separate cores; inside a tile, every innermost
+loop that runs over a spatial axis is vectorized. The kernels write their INT8 products as
+rank-1 updates (reduction outside, a contiguous row of keys or channels innermost), so this
+covers Q·Kᵀ and P·V too; LLVM lowers the vectors to the target's (``mcpu``) SIMD width.
 """
 
 from tvm.s_tir import Schedule
