@@ -1,30 +1,36 @@
 """Decode attention over the compressed cache, split along the sequence (flash-decoding).
 
-``decode_split(D, bits)`` covers one group of KV heads stored at ``bits`` (2 or 4: packed codes
-expanded to INT8 on the fly, K's kept channels read as they are, see kv_compress; 8: the INT8
-buffer of recent tokens, whose step/zero arguments are unused placeholders of shape [B, HG, 1, D]).
-The code tensors may hold more rows than ``length`` (a cache's spare capacity); only the first
-``length`` tokens are read. Tile = (batch, KV head of the group, query head of its GQA group,
-split); it writes an unnormalised partial state (acc, m, l) into slot ``slot_offset + split``.
-``decode_merge(D)`` combines the slots with SAS weights (docs/algorithm.md §5). Same tile math as
-prefill, with one query row; as there, K is expanded transposed and tokens past ``length`` to 0, so
-both integer products are rank-1 updates along a contiguous row that the CPU rule vectorizes.
+``decode_split(D, bits)`` covers one group of KV heads stored at ``bits`` (2 or 4: packed codes,
+K's kept channels read as they are, see kv_compress; 8: the INT8 buffer of recent tokens, whose
+step/zero arguments are unused placeholders of shape [B, HG, 1, D]). The code tensors may hold more
+rows than ``length`` (a cache's spare capacity); only the first ``length`` tokens are read. Tile =
+(batch, KV head of the group, query head of its GQA group, split); it writes an unnormalised partial
+state (acc, m, l) into slot ``slot_offset + split``. ``decode_merge(D)`` combines the slots with SAS
+weights (docs/algorithm.md §5). Same tile math as prefill, with one query row.
+
+Packed groups are computed on the codes, never expanded: expansion is linear (x8 = code * step +
+zero, never capped, docs/algorithm.md §2), so per 32-token stage-2 group
+q·x8 = Σ (q * step) * code + Σ q * zero (coded channels) + Σ q * kept, and
+Σ p * x8 = step * Σ p * code + zero * Σ p, the same integers as expanding first (the CUDA kernel
+does the same). Tiles are staged with K transposed and tokens past ``length`` at 0, so every
+integer product is a rank-1 update along a contiguous row, which the CPU rule vectorizes.
 """
 
 from tvm import ir, tirx
 from tvm.script import tirx as T
 
-from ..algorithm import INT8_MAX, QUANT_BLOCK
-from .kv_compress import GROUPS_PER_BLOCK, load_int8
+from ..algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK, codes_per_byte
+from .kv_compress import GROUPS_PER_BLOCK, KEPT_BIAS, unpack_code
 from .sas import NEG_BIG, sas_exp
 
 BK = QUANT_BLOCK
 
 
-def _load_int8(codes, step, zero, b, g, t, d, bits, head_dim, code_width):
+def _v_code(codes, b, g, t, d, bits):
+    """V's INT8 value (bits = 8) or its packed code (2/4 bits), as int32."""
     if bits == 8:
         return T.Cast("int32", codes[b, g, t, d])
-    return load_int8(codes, step, zero, b, g, t, d, bits, head_dim, code_width)
+    return unpack_code(codes, b, g, t, d, bits)
 
 
 def _whole(buf):
@@ -35,6 +41,7 @@ def _whole(buf):
 def decode_split(head_dim: int, bits: int):
     D = head_dim
     code_dtype = "int8" if bits == 8 else "uint8"
+    per_byte = codes_per_byte(bits) if bits != 8 else 1
 
     def step_shape(B, HG, NP):
         """Packed groups: one step/zero per (64-token block, stage-2 group, channel)."""
@@ -71,8 +78,16 @@ def decode_split(head_dim: int, bits: int):
                         k_scale[vb, vg, 0:NB], v_codes[vb, vg, 0:L, 0:VW], _whole(v_step),
                         _whole(v_zero), v_scale[vb, vg, 0:NB])
                 T.writes(o_part[vb, 0:H, 0:S, 0:D], m_part[vb, 0:H, 0:S], l_part[vb, 0:H, 0:S])
-                k_tile_t = T.sblock_alloc_buffer((D, BK), "int8")  # expanded K tile, transposed
-                v_tile = T.sblock_alloc_buffer((BK, D), "int8")
+                k_tile_t = T.sblock_alloc_buffer((D, BK), "int8")  # K tile (INT8 or codes), transposed
+                v_tile = T.sblock_alloc_buffer((BK, D), "int8")  # V tile (INT8 or codes)
+                # packed groups: q' = q * step, Σ q * zero and q of the kept channels per stage-2 group,
+                # K's kept bytes, P·codes and Σ P per group
+                q_step = T.sblock_alloc_buffer((GROUPS_PER_BLOCK, D), "int32")
+                q_zero = T.sblock_alloc_buffer((GROUPS_PER_BLOCK,), "int32")
+                q_kept = T.sblock_alloc_buffer((CACHE_K_OUTLIERS,), "int32")
+                kept_t = T.sblock_alloc_buffer((CACHE_K_OUTLIERS, BK), "int32")
+                p_codes = T.sblock_alloc_buffer((GROUPS_PER_BLOCK, D), "int32")
+                p_group_sum = T.sblock_alloc_buffer((GROUPS_PER_BLOCK,), "int32")
                 s_int = T.sblock_alloc_buffer((BK,), "int32")
                 score = T.sblock_alloc_buffer((BK,), "float32")
                 p_code = T.sblock_alloc_buffer((BK,), "int8")
@@ -91,21 +106,73 @@ def decode_split(head_dim: int, bits: int):
                         vd = T.axis.remap("S", [d])
                         acc[vd] = T.float32(0)
                 for kt in T.serial(T.min(first + per_split, T.ceildiv(length, BK)) - first):
-                    for j, d in T.grid(BK, D):
-                        with T.sblock("k_expand"):
-                            vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
-                            vj, vd = T.axis.remap("SS", [j, d])
-                            k_tile_t[vd, vj] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int8", _load_int8(
-                                k_codes, k_step, k_zero, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits, D,
-                                KW)), T.int8(0))
-                    for j in range(BK):
-                        with T.sblock("init_qk"):
-                            vj = T.axis.remap("S", [j])
-                            s_int[vj] = 0
-                    for d, j in T.grid(D, BK):
-                        with T.sblock("qk"):
-                            vd, vj = T.axis.remap("RS", [d, j])
-                            s_int[vj] = s_int[vj] + T.Cast("int32", q[vb, hq, 0, vd]) * T.Cast("int32", k_tile_t[vd, vj])
+                    if bits == 8:
+                        for j, d in T.grid(BK, D):
+                            with T.sblock("k_load"):
+                                vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                                vj, vd = T.axis.remap("SS", [j, d])
+                                k_tile_t[vd, vj] = T.if_then_else((first + vkt) * BK + vj < length, k_codes[
+                                    vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd], T.int8(0))
+                        for j in range(BK):
+                            with T.sblock("init_qk"):
+                                vj = T.axis.remap("S", [j])
+                                s_int[vj] = 0
+                        for d, j in T.grid(D, BK):
+                            with T.sblock("qk"):
+                                vd, vj = T.axis.remap("RS", [d, j])
+                                s_int[vj] = s_int[vj] + T.Cast("int32", q[vb, hq, 0, vd]) * T.Cast("int32", k_tile_t[vd, vj])
+                    else:
+                        # on the codes: q·x8' = Σ (q·step)·code + Σ q·zero (coded channels) + Σ q·kept
+                        for gi, d in T.grid(GROUPS_PER_BLOCK, D):
+                            with T.sblock("q_step"):
+                                vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                                vgi, vd = T.axis.remap("SS", [gi, d])
+                                q_step[vgi, vd] = T.Cast("int32", q[vb, hq, 0, vd]) * T.Cast(
+                                    "int32", k_step[vb, vg, first + vkt, vgi, vd])
+                        for gi, d in T.grid(GROUPS_PER_BLOCK, D):
+                            with T.sblock("q_zero"):
+                                vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                                vgi, vd = T.axis.remap("SR", [gi, d])
+                                with T.init():
+                                    q_zero[vgi] = 0
+                                q_zero[vgi] = q_zero[vgi] + T.if_then_else(
+                                    k_step[vb, vg, first + vkt, vgi, vd] > T.uint8(0),
+                                    T.Cast("int32", q[vb, hq, 0, vd]) * T.Cast("int32", k_zero[vb, vg, first + vkt, vgi, vd]), 0)
+                        for o, d in T.grid(CACHE_K_OUTLIERS, D):
+                            with T.sblock("q_kept"):
+                                vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                                vo, vd = T.axis.remap("SR", [o, d])
+                                with T.init():
+                                    q_kept[vo] = 0
+                                q_kept[vo] = q_kept[vo] + T.if_then_else(
+                                    T.And(k_step[vb, vg, first + vkt, 0, vd] == T.uint8(0),
+                                          T.Cast("int32", k_zero[vb, vg, first + vkt, 0, vd]) == vo),
+                                    T.Cast("int32", q[vb, hq, 0, vd]), 0)
+                        for j, d in T.grid(BK, D):
+                            with T.sblock("k_unpack"):
+                                vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                                vj, vd = T.axis.remap("SS", [j, d])
+                                k_tile_t[vd, vj] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int8", unpack_code(
+                                    k_codes, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits)), T.int8(0))
+                        for o, j in T.grid(CACHE_K_OUTLIERS, BK):
+                            with T.sblock("k_kept"):
+                                vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                                vo, vj = T.axis.remap("SS", [o, j])
+                                kept_t[vo, vj] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int32", k_codes[
+                                    vb, vg, T.min((first + vkt) * BK + vj, length - 1), D // per_byte + vo]) - KEPT_BIAS, 0)
+                        for j in range(BK):
+                            with T.sblock("init_qk"):
+                                vj = T.axis.remap("S", [j])
+                                s_int[vj] = q_zero[vj // CACHE_GROUP]
+                        for o, j in T.grid(CACHE_K_OUTLIERS, BK):
+                            with T.sblock("qk_kept"):
+                                vo, vj = T.axis.remap("RS", [o, j])
+                                s_int[vj] = s_int[vj] + q_kept[vo] * kept_t[vo, vj]
+                        for gi, d, jj in T.grid(GROUPS_PER_BLOCK, D, CACHE_GROUP):
+                            with T.sblock("qk"):
+                                vgi, vd, vjj = T.axis.remap("SRS", [gi, d, jj])
+                                s_int[vgi * CACHE_GROUP + vjj] = s_int[vgi * CACHE_GROUP + vjj] + q_step[vgi, vd] * T.Cast(
+                                    "int32", k_tile_t[vd, vgi * CACHE_GROUP + vjj])
                     for j in range(BK):
                         with T.sblock("score"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
@@ -142,20 +209,45 @@ def decode_split(head_dim: int, bits: int):
                                 p_sum[0] = 0
                             p_sum[0] = p_sum[0] + T.Cast("int32", p_code[vj])
                     for j, d in T.grid(BK, D):
-                        with T.sblock("v_expand"):
+                        with T.sblock("v_load"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                             vj, vd = T.axis.remap("SS", [j, d])
-                            v_tile[vj, vd] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int8", _load_int8(
-                                v_codes, v_step, v_zero, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits, D,
-                                VW)), T.int8(0))
-                    for d in range(D):
-                        with T.sblock("init_pv"):
-                            vd = T.axis.remap("S", [d])
-                            pv_int[vd] = 0
-                    for j, d in T.grid(BK, D):
-                        with T.sblock("pv"):
-                            vj, vd = T.axis.remap("RS", [j, d])
-                            pv_int[vd] = pv_int[vd] + T.Cast("int32", p_code[vj]) * T.Cast("int32", v_tile[vj, vd])
+                            v_tile[vj, vd] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int8", _v_code(
+                                v_codes, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits)), T.int8(0))
+                    if bits == 8:
+                        for d in range(D):
+                            with T.sblock("init_pv"):
+                                vd = T.axis.remap("S", [d])
+                                pv_int[vd] = 0
+                        for j, d in T.grid(BK, D):
+                            with T.sblock("pv"):
+                                vj, vd = T.axis.remap("RS", [j, d])
+                                pv_int[vd] = pv_int[vd] + T.Cast("int32", p_code[vj]) * T.Cast("int32", v_tile[vj, vd])
+                    else:
+                        # on the codes: Σ_j p·x8' = Σ_groups step·Σ_j p·code + zero·Σ_j p
+                        for gi, d in T.grid(GROUPS_PER_BLOCK, D):
+                            with T.sblock("init_p_codes"):
+                                vgi, vd = T.axis.remap("SS", [gi, d])
+                                p_codes[vgi, vd] = 0
+                        for gi, jj, d in T.grid(GROUPS_PER_BLOCK, CACHE_GROUP, D):
+                            with T.sblock("p_codes"):
+                                vgi, vjj, vd = T.axis.remap("SRS", [gi, jj, d])
+                                p_codes[vgi, vd] = p_codes[vgi, vd] + T.Cast("int32", p_code[vgi * CACHE_GROUP + vjj]) * T.Cast(
+                                    "int32", v_tile[vgi * CACHE_GROUP + vjj, vd])
+                        for gi, jj in T.grid(GROUPS_PER_BLOCK, CACHE_GROUP):
+                            with T.sblock("p_group_sum"):
+                                vgi, vjj = T.axis.remap("SR", [gi, jj])
+                                with T.init():
+                                    p_group_sum[vgi] = 0
+                                p_group_sum[vgi] = p_group_sum[vgi] + T.Cast("int32", p_code[vgi * CACHE_GROUP + vjj])
+                        for d in range(D):
+                            with T.sblock("pv"):
+                                vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
+                                vd = T.axis.remap("S", [d])
+                                pv_int[vd] = (T.Cast("int32", v_step[vb, vg, first + vkt, 0, vd]) * p_codes[0, vd]
+                                              + T.Cast("int32", v_zero[vb, vg, first + vkt, 0, vd]) * p_group_sum[0]
+                                              + T.Cast("int32", v_step[vb, vg, first + vkt, 1, vd]) * p_codes[1, vd]
+                                              + T.Cast("int32", v_zero[vb, vg, first + vkt, 1, vd]) * p_group_sum[1])
                     for d in range(D):
                         with T.sblock("update_acc"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
