@@ -207,18 +207,18 @@ class TurboAttention:
         on the H200 machine, a third of a short decode step.
         """
         b, h, _, d = q.shape
+
+        def partials():
+            return tuple(self._empty(q, shape, torch.float32) for shape in ((b, h, slots, d), (b, h, slots), (b, h, slots)))
+
         if self.device_type != "cuda":
-            return (None, None, *(torch.empty(shape, dtype=torch.float32, device=q.device)
-                                  for shape in ((b, h, slots, d), (b, h, slots), (b, h, slots))))
+            return (None, None, *partials())  # the CPU quantizes q through ``quantize``, which allocates
         key = (q.device, torch.cuda.current_stream(q.device).cuda_stream, threading.get_ident(), b, h, d, slots)
         workspace = self._workspaces.pop(key, None)
         if workspace is None:
             if len(self._workspaces) >= DECODE_WORKSPACES:
                 self._workspaces.pop(next(iter(self._workspaces)))  # the least recently used
-            workspace = (torch.empty((b, h, 1, d), dtype=torch.int8, device=q.device),
-                         torch.empty((b, h, 1), dtype=torch.float32, device=q.device),
-                         *(torch.empty(shape, dtype=torch.float32, device=q.device)
-                           for shape in ((b, h, slots, d), (b, h, slots), (b, h, slots))))
+            workspace = (self._empty(q, (b, h, 1, d), torch.int8), self._empty(q, (b, h, 1), torch.float32), *partials())
         self._workspaces[key] = workspace
         return workspace
 

@@ -31,7 +31,7 @@ def missing_cpu_features(target: tvm.target.Target) -> list[str]:
     """Instruction-set features an LLVM ``target`` needs that this machine's CPU lacks (sorted)."""
     if target.kind.name != "llvm" or not target.attrs.get("mcpu"):
         return []
-    host = tvm.target.Target({"kind": "llvm", **({"mcpu": c} if (c := host_cpu_target().get("mcpu")) else {})})
+    host = tvm.target.Target(host_cpu_target())
     return sorted(set(codegen.llvm_get_cpu_features(target)) - set(codegen.llvm_get_cpu_features(host)))
 
 
