@@ -28,7 +28,7 @@ def main(argv=None):
     q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.float16)
     cache = turbo.compress_kv(k, v, [args.bits] * h)
     splits = turbo._auto_splits(q, cache.packed_len)  # the packed groups hold tokens [64, compressed_len)
-    q8, q_scale = turbo._quantize_query(q, "float16")
+    q8, q_scale = turbo._quantize_query(q, "float16", cache.k_factor)
     o_part = torch.zeros((b, h, splits + 1, d), dtype=torch.float32, device="cuda")
     m_part = torch.full((b, h, splits + 1), NEG_BIG, dtype=torch.float32, device="cuda")
     l_part = torch.zeros((b, h, splits + 1), dtype=torch.float32, device="cuda")
@@ -37,7 +37,7 @@ def main(argv=None):
     split_kernel = turbo.kernels[names.decode_split_name(d, args.bits)]
     merge_kernel = turbo.kernels[names.decode_merge_name(d, "float16")]
     steps = {
-        "quantize q": lambda: turbo._quantize_query(q, "float16"),
+        "quantize q": lambda: turbo._quantize_query(q, "float16", cache.k_factor),
         f"split kernel ({splits} splits)": lambda: split_kernel(q8, q_scale, group.heads, *group.tensors(), o_part, m_part,
                                                                l_part, d**-0.5, 1, splits, 0, cache.packed_len),
         "merge kernel": lambda: merge_kernel(o_part, m_part, l_part, out),

@@ -15,6 +15,7 @@ import torch
 from turbotvm import TurboAttention
 from turbotvm import kernel_set as names
 from turbotvm.algorithm import QUANT_BLOCK
+from turbotvm.attention import k_smoothing_torch
 
 from turbotvm.bench import median_ms
 
@@ -33,12 +34,14 @@ def main(argv=None):
     v8t = torch.empty((b, h, d, nb * QUANT_BLOCK), dtype=torch.int8, device="cuda")
     scales = [torch.empty((b, h, nb), dtype=torch.float32, device="cuda") for _ in range(3)]
     out = torch.empty_like(q)
-    k_mean = k.mean(dim=2, dtype=torch.float32)
+    k_mean, k_factor = k_smoothing_torch(k)
     kern = turbo.kernels
     steps = {
-        "k_mean (torch)": lambda: k.mean(dim=2, dtype=torch.float32),
-        "quantize q": lambda: kern[names.quantize_rows_name("float16", d, False)](q, q8, scales[0]),
-        "quantize k (smoothed)": lambda: kern[names.quantize_rows_name("float16", d, True)](k, k_mean, k8, scales[1]),
+        "k smoothing (torch)": lambda: k_smoothing_torch(k),
+        "quantize q (balanced)": lambda: kern[names.quantize_rows_name("float16", d, "balanced")](
+            q, k_factor, q8, scales[0]),
+        "quantize k (smoothed)": lambda: kern[names.quantize_rows_name("float16", d, "smoothed")](
+            k, k_mean, k_factor, k8, scales[1]),
         "quantize v (transposed)": lambda: kern[names.quantize_vt_name("float16", d)](v, v8t, scales[2]),
         "prefill_tc": lambda: kern[names.prefill_tc_name(d, args.causal, "float16")](
             q8, scales[0], k8, scales[1], v8t, scales[2], out, d**-0.5),

@@ -103,8 +103,9 @@ def test_cache_cuda_matches_reference(cuda_runtime, rng):
     def check():
         q = rng.standard_normal((2, 8, 1, 128)).astype(np.float32)
         out = turbo_decode(torch.from_numpy(q).cuda(), cache).cpu().numpy()
-        k_mean = ref.smoothing_mean(ks[0])
-        expected = ref.turbo_decode(q, ref.build_cache(np.concatenate(ks, 2), np.concatenate(vs, 2), cache.head_bits, k_mean))
+        smoothing = ref.smoothing(ks[0])
+        expected = ref.turbo_decode(q, ref.build_cache(np.concatenate(ks, 2), np.concatenate(vs, 2), cache.head_bits,
+                                                       smoothing))
         assert cosine(out, expected) >= 0.9999
 
     append(100)

@@ -41,6 +41,7 @@ def test_prefill_gqa_odd_lengths(turbo_cpu, rng, kv_heads):
 
 def test_prefill_outlier_channels(turbo_cpu, rng):
     q, k, v = realistic_qkv(rng, 1, 8, 2, 384, 384, 128)
+    # target 0.995; the reference gives .9996 / .9994 at N = 1000 (10 seeds), .9987 / .9982 before K's balance factor
     check_prefill(turbo_cpu, q, k, v, True, 0.995)
     check_prefill(turbo_cpu, q, k, v, False, 0.995)
 
@@ -83,7 +84,7 @@ def test_compress_kernels_bit_exact(turbo_cpu, rng, bits):
     # stage 2 is integer-exact: feed the reference the kernel's own INT8 codes (float32 vs float64
     # stage 1 may differ by one code at rounding ties)
     k_t = torch.from_numpy(k)
-    k8, _ = turbo_cpu.quantize(k_t, "float32", turbo_cpu.smoothing_mean(k_t, "float32"))
+    k8, _ = turbo_cpu.quantize(k_t, "float32", turbo_cpu.smoothing(k_t, "float32"))
     v8, _ = turbo_cpu.quantize(torch.from_numpy(v), "float32")
     # block 0 is the INT8 sink block, kept verbatim; the groups hold blocks 1..3
     assert torch.equal(cache.sink_k, k8[:, :, :64]) and torch.equal(cache.sink_v, v8[:, :, :64])
@@ -123,9 +124,10 @@ def check_4bit_bytes(cache):
 
 def int8_cache_cosine(q, k, v, num_splits):
     """cos vs exact of decode over the INT8 stage-1 cache alone: the floor that stage 2 builds on."""
-    k8, k_scale = ref.quantize_int8(k, ref.smoothing_mean(k))
+    k_mean, k_factor = ref.smoothing(k)
+    k8, k_scale = ref.quantize_int8(ref.smooth_k(k, k_mean, k_factor))
     v8, v_scale = ref.quantize_int8(v)
-    cache = ref.ReferenceCache(k8, k_scale, v8, v_scale, k.shape[2] // QUANT_BLOCK * QUANT_BLOCK)
+    cache = ref.ReferenceCache(k8, k_scale, v8, v_scale, k_factor, k.shape[2] // QUANT_BLOCK * QUANT_BLOCK)
     return cosine(ref.turbo_decode(q, cache, num_splits=num_splits), ref.exact_attention(q, k, v))
 
 
@@ -143,20 +145,21 @@ def test_decode_4bit_random(turbo_cpu, rng, head_dim):
 
 def test_decode_4bit_realistic_long_gqa(turbo_cpu, rng):
     q, k, v = realistic_qkv(rng, 1, 8, 2, 1, 4096 + 5, 64)
-    # target 0.99: 0.9959 / 0.9932
+    # target 0.99: .9963 / .9949 (30 seeds)
     cache = check_decode(turbo_cpu, q, k, v, [4] * 2, 4, 0.99)
     check_4bit_bytes(cache)
 
 
 def test_decode_4bit_realistic(turbo_cpu, rng):
     q, k, v = realistic_qkv(rng, 2, 8, 4, 1, 2048 + 40, 128)
-    # 0.9948 / 0.9874: at D = 128 the INT8 stage alone goes down to 0.9908 (four x20 channels set each
-    # block's scale, leaving the other 124 channels about 2 INT8 codes of spread), so the target 0.99 holds
-    # on average only. What stage 2 controls, its loss over the INT8 cache, is at most 0.0044.
-    cache = check_decode(turbo_cpu, q, k, v, [4] * 4, 3, 0.98)
+    # target 0.99: .9960 / .9923 (150 seeds). K's balance factor keeps the four x20 channels from setting
+    # every block's INT8 scale (without it the INT8 cache alone went down to .9908: docs §1); what is left
+    # is stage 2's loss over the INT8 cache, .0037 mean and .0051 max over 60 seeds.
+    cache = check_decode(turbo_cpu, q, k, v, [4] * 4, 3, 0.99)
     int8_floor = int8_cache_cosine(q, k, v, 3)
     exact = cosine(turbo_cpu.decode(q, cache, num_splits=3), ref.exact_attention(q, k, v))
     print(f"INT8 cache alone cos={int8_floor:.5f}; stage-2 loss {int8_floor - exact:.5f}")
+    assert int8_floor >= 0.998
     assert int8_floor - exact <= 0.0075
 
 
@@ -164,15 +167,17 @@ def test_decode_mixed_precision_realistic(turbo_cpu, rng):
     q, k, v = realistic_qkv(rng, 2, 8, 4, 1, 2048, 128)
     head_bits = select_head_bits(k, v, 0.25)
     assert sorted(head_bits.tolist()) == [2, 4, 4, 4]
-    # target 0.97: 0.9941 / 0.9811 (V's gap * std picks the heads: with K's as well, down to 0.9751)
+    # target 0.97: .9957 / .9930 (30 seeds; before K's balance factor .9941 / .9811 over 120)
     cache = check_decode(turbo_cpu, q, k, v, head_bits, 4, 0.97)
     assert cache.nbytes() < turbo_cpu.compress_kv(k, v, [4] * 4).nbytes()
 
 
 def test_decode_mixed_precision_random(turbo_cpu, rng):
     q, k, v = random_qkv(rng, 1, 8, 8, 1, 1024, 64)
-    # i.i.d. heads, no head cheaper than another: 0.9738 / 0.9559 (240 seeds). 0.97 per draw is out of reach of
-    # 2-bit scalar codes here (docs §2.2); the bound is the minimum less a margin
+    # i.i.d. heads, no head cheaper than another: .9738 / .9559 (240 seeds; .9746 / .9562 over 30 with K's
+    # balance factor, which is flat here). 0.97 per draw is out of reach of 2-bit codes at this share (docs
+    # §2.2: even Shannon's bound for 2 bits per value gives a minimum of .973); the bound is the minimum less
+    # a margin
     check_decode(turbo_cpu, q, k, v, select_head_bits(k, v, 0.25), 2, 0.94)
 
 
@@ -194,7 +199,7 @@ def test_sink_block_int8_and_decode(turbo_cpu, rng, length):
     # at 2 bits (not chosen by priority) L = 1000 draws gave 0.94-0.99
     cache = check_decode(turbo_cpu, q, k, v, head_bits, 3, 0.9)
     k_t, v_t = torch.from_numpy(k), torch.from_numpy(v)
-    k8, k_scale = turbo_cpu.quantize(k_t, "float32", turbo_cpu.smoothing_mean(k_t, "float32"))
+    k8, k_scale = turbo_cpu.quantize(k_t, "float32", turbo_cpu.smoothing(k_t, "float32"))
     v8, v_scale = turbo_cpu.quantize(v_t, "float32")
     assert torch.equal(cache.sink_k, k8[:, :, :64]) and torch.equal(cache.sink_v, v8[:, :, :64])
     assert torch.equal(cache.sink_k_scale, k_scale[:, :, :1]) and torch.equal(cache.sink_v_scale, v_scale[:, :, :1])
@@ -207,7 +212,7 @@ def test_sink_block_int8_and_decode(turbo_cpu, rng, length):
         assert torch.equal(cache.buffer_k, k8[:, :, closed:])
     # the reference's sink block is the float64 INT8 codes of block 0, never compressed
     ref_cache = ref.build_cache(k, v, head_bits)
-    k8_ref, _ = ref.quantize_int8(k, ref.smoothing_mean(k))
+    k8_ref, _ = ref.quantize_int8(ref.smooth_k(k, *ref.smoothing(k)))
     assert ref_cache.sink_len == 64 and np.array_equal(ref_cache.k8[:, :, :64], k8_ref[:, :, :64])
 
 
@@ -238,9 +243,10 @@ def test_sink_block_keeps_attention_sink_accurate(turbo_cpu, rng):
     out = turbo_cpu.decode(q, cache, num_splits=4)
     assert cosine(out, ref.turbo_decode(q, ref.build_cache(k, v, head_bits), num_splits=4)) >= SAME_ALGORITHM
     no_sink = ref.turbo_decode(q, ref.build_cache(k, v, head_bits, sink=False), num_splits=4)
-    k8, k_scale = ref.quantize_int8(k, ref.smoothing_mean(k))
+    k_mean, k_factor = ref.smoothing(k)
+    k8, k_scale = ref.quantize_int8(ref.smooth_k(k, k_mean, k_factor))
     v8, v_scale = ref.quantize_int8(v)
-    int8_only = ref.turbo_decode(q, ref.ReferenceCache(k8, k_scale, v8, v_scale, 1024), num_splits=4)
+    int8_only = ref.turbo_decode(q, ref.ReferenceCache(k8, k_scale, v8, v_scale, k_factor, 1024), num_splits=4)
     err_sink, err_no_sink, err_int8 = (np.linalg.norm(x - exact) / np.linalg.norm(exact) for x in (out, no_sink, int8_only))
     print(f"token 0's attention share {share.min():.2f}..{share.max():.2f}; relative error vs exact: "
           f"INT8 sink block {err_sink:.5f}, block 0 compressed {err_no_sink:.5f}, INT8 cache alone {err_int8:.5f}")

@@ -32,8 +32,8 @@ class Appender:
 
     def expected(self, q: torch.Tensor):
         k_all, v_all = (torch.cat(x, 2).double().numpy() for x in (self.k, self.v))
-        k_mean = ref.smoothing_mean(self.k[0].double().numpy())  # fixed by the first append
-        return ref.turbo_decode(q.double().numpy(), ref.build_cache(k_all, v_all, self.cache.head_bits, k_mean=k_mean))
+        smoothing = ref.smoothing(self.k[0].double().numpy())  # fixed by the first append
+        return ref.turbo_decode(q.double().numpy(), ref.build_cache(k_all, v_all, self.cache.head_bits, smoothing))
 
 
 def check_decode(appender, rng, heads, runtime=None):
@@ -130,7 +130,7 @@ def test_bytes_4bit_d128(cpu_ops_runtime, rng):
                 + 2 * 64 * d + 2 * 4  # the sink block: K and V INT8 codes and their scales
                 + 2 * open_ * d * (2 + 1)  # the open block in bf16 and INT8
                 + 2 * 4  # its INT8 scales
-                + d * 4)  # K smoothing mean (float32)
+                + 2 * d * 4)  # K smoothing mean and balance factor (float32)
     assert cache.nbytes() == b * hkv * per_head + 4 * hkv  # + the group's head ids (int32)
     assert cache.fp16_nbytes() == 2 * 2 * b * hkv * length * d
     ratio = cache.nbytes() / cache.fp16_nbytes()
@@ -154,7 +154,7 @@ def test_sink_block_from_appends(cpu_ops_runtime, rng):
         kv.append(1)
     assert (cache.length, cache.compressed_len, cache.sink_len, cache.packed_len, cache.groups) == (70, 64, 64, 0, [])
     k_all, v_all = torch.cat(kv.k, 2), torch.cat(kv.v, 2)
-    k8, k_scale = cpu_ops_runtime.quantize(k_all[:, :, :64].contiguous(), "float32", cache.k_mean)
+    k8, k_scale = cpu_ops_runtime.quantize(k_all[:, :, :64].contiguous(), "float32", (cache.k_mean, cache.k_factor))
     v8, v_scale = cpu_ops_runtime.quantize(v_all[:, :, :64].contiguous(), "float32")
     sink = (k8, k_scale, v8, v_scale)
     assert all(torch.equal(x, y) for x, y in zip((cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale), sink))
@@ -164,7 +164,7 @@ def test_sink_block_from_appends(cpu_ops_runtime, rng):
     assert all(torch.equal(x, y) for x, y in zip((cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale), sink))
     check_decode(kv, rng, 4, cpu_ops_runtime)
     nbytes = cache.nbytes()
-    assert nbytes == (sum(t.numel() * t.element_size() for t in sink) + cache.k_mean.numel() * 4
+    assert nbytes == (sum(t.numel() * t.element_size() for t in sink) + 2 * cache.k_mean.numel() * 4  # mean, factor
                       + sum(t.numel() * t.element_size() for g in cache.groups for t in (g.heads, *g.tensors()))
                       + sum(t.numel() * t.element_size() for t in (cache.buffer_k, cache.buffer_k_scale, cache.buffer_v,
                                                                     cache.buffer_v_scale, cache._open_k, cache._open_v)))
@@ -183,11 +183,12 @@ def test_head_bits_and_mean_fixed_by_first_append(cpu_ops_runtime, rng):
     kv.append(300)
     assert cache.head_bits == tuple(int(b) for b in select_head_bits(kv.k[0], kv.v[0], 0.25))
     assert sorted(cache.head_bits) == [2, 4, 4, 4]
-    k_mean = cache.k_mean.clone()
-    np.testing.assert_allclose(k_mean.numpy(), ref.smoothing_mean(kv.k[0].numpy()), rtol=1e-5, atol=1e-5)
+    k_mean, k_factor = cache.k_mean.clone(), cache.k_factor.clone()
+    for held, expected in zip((k_mean, k_factor), ref.smoothing(kv.k[0].numpy())):
+        np.testing.assert_allclose(held.numpy(), expected, rtol=1e-5, atol=1e-5)
     kv.append(50)
     kv.append(1)
-    assert torch.equal(cache.k_mean, k_mean)
+    assert torch.equal(cache.k_mean, k_mean) and torch.equal(cache.k_factor, k_factor)
     check_decode(kv, rng, 8)
 
 

@@ -90,7 +90,7 @@ def test_decode_op_torch_compile_fullgraph(cpu_ops_runtime, rng):
         cache.append(k_new, v_new)
         k, v = torch.cat((k, k_new), 2), torch.cat((v, v_new), 2)
     expected = ref.turbo_decode(q.numpy(), ref.build_cache(k[:, :, :-1].numpy(), v[:, :, :-1].numpy(), [4, 2],
-                                                           k_mean=ref.smoothing_mean(k[:, :, :150].numpy())))
+                                                           ref.smoothing(k[:, :, :150].numpy())))
     assert cosine(out / 2.0, expected) >= SAME_ALGORITHM
 
 
@@ -197,22 +197,32 @@ def test_bad_decode_cache_device(no_kernels, rng):
 
 def test_bad_decode_sink_args(no_kernels, rng):
     cache = int8_buffer_cache(rng)
-    args = list(cache_as_op_args(cache))  # (k_mean, packed, group_bits, head_bits, buffer_* x4, sink_* x4, length, compressed_len)
+    # (k_mean, k_factor, packed, group_bits, head_bits, buffer_* x4, sink_* x4, length, compressed_len)
+    args = list(cache_as_op_args(cache))
     q = torch.randn(1, 4, 1, 64)
     sink = [torch.zeros((1, 2, 64, 64), dtype=torch.int8), torch.ones((1, 2, 1)),
             torch.zeros((1, 2, 64, 64), dtype=torch.int8), torch.ones((1, 2, 1))]
     with pytest.raises(ValueError, match=r"sink_\*: expected all four tensors when compressed_len > 0 \(it is 0\), else none"):
-        torch.ops.turbotvm.turbo_decode(q, *args[:8], *sink, *args[12:])
+        torch.ops.turbotvm.turbo_decode(q, *args[:9], *sink, *args[13:])
     # a cache of 104 tokens: the sink block, no packed block, 40 in the buffer
-    args[12:14] = [104, 64]
+    args[13:15] = [104, 64]
     with pytest.raises(ValueError, match=r"sink_\*: expected all four tensors .* got \['sink_k'\]"):
-        torch.ops.turbotvm.turbo_decode(q, *args[:8], sink[0], None, None, None, *args[12:])
+        torch.ops.turbotvm.turbo_decode(q, *args[:9], sink[0], None, None, None, *args[13:])
     with pytest.raises(ValueError, match=r"sink_v_scale: expected shape \(1, 2, 1\) and dtype torch.float32"):
-        torch.ops.turbotvm.turbo_decode(q, *args[:8], *sink[:3], torch.ones((1, 2, 2)), *args[12:])
+        torch.ops.turbotvm.turbo_decode(q, *args[:9], *sink[:3], torch.ones((1, 2, 2)), *args[13:])
     with pytest.raises(ValueError, match=r"sink_k: expected shape \(1, 2, 64, 64\) and dtype torch.int8"):
-        torch.ops.turbotvm.turbo_decode(q, *args[:8], sink[0][:, :, :40], *sink[1:], *args[12:])
+        torch.ops.turbotvm.turbo_decode(q, *args[:9], sink[0][:, :, :40], *sink[1:], *args[13:])
     with pytest.raises(ValueError, match=r"sink_v: expected a tensor on cpu \(same as q\), got meta"):
-        torch.ops.turbotvm.turbo_decode(q, *args[:8], *sink[:2], sink[2].to("meta"), sink[3], *args[12:])
+        torch.ops.turbotvm.turbo_decode(q, *args[:9], *sink[:2], sink[2].to("meta"), sink[3], *args[13:])
+
+
+def test_bad_decode_k_factor(no_kernels, rng):
+    args = list(cache_as_op_args(int8_buffer_cache(rng)))
+    q = torch.randn(1, 4, 1, 64)
+    with pytest.raises(ValueError, match=r"k_factor: expected shape \(1, 2, 64\) and dtype torch.float32 \(those of"):
+        torch.ops.turbotvm.turbo_decode(q, args[0], args[1][:, :1], *args[2:])
+    with pytest.raises(ValueError, match=r"k_factor: expected a tensor on cpu \(same as q\), got meta"):
+        torch.ops.turbotvm.turbo_decode(q, args[0], args[1].to("meta"), *args[2:])
 
 
 def test_bad_decode_cache_object(no_kernels):
@@ -228,7 +238,8 @@ def int8_buffer_cache(rng):
 
     k8 = torch.from_numpy(rng.integers(-127, 128, (1, 2, 40, 64), dtype=np.int8))
     scale = torch.ones((1, 2, 1))
-    return CompressedKV((4, 4), 64, 40, 0, torch.zeros((1, 2, 64)), [], k8, scale, k8.clone(), scale.clone())
+    return CompressedKV((4, 4), 64, 40, 0, torch.zeros((1, 2, 64)), torch.ones((1, 2, 64)), [], k8, scale, k8.clone(),
+                        scale.clone())
 
 
 # ---------------------------------------------------------------------------------------- runtimes

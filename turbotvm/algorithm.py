@@ -10,6 +10,12 @@ import math
 #: KV tile of the online softmax, and the unit in which the decode buffer is compressed.
 QUANT_BLOCK = 64
 
+#: K channel balancing (SmoothQuant-style migration): K channel c is divided by f_c and Q's channel c
+#: multiplied by f_c, with f_c = (max_t |K_tc - mean_c|) ** K_BALANCE_EXPONENT; Q·Kᵀ is unchanged. 0.5
+#: splits an outlier channel's range evenly between K and Q, so a few wide K channels no longer set
+#: the whole block's INT8 scale.
+K_BALANCE_EXPONENT = 0.5
+
 #: Symmetric INT8 range used for Q, K, V and P (-127..127; -128 is never produced).
 INT8_MAX = 127
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import kernel_set as names
-from .algorithm import CACHE_BITS, CACHE_GROUP, CACHE_K_OUTLIERS, QUANT_BLOCK
+from .algorithm import CACHE_BITS, CACHE_GROUP, CACHE_K_OUTLIERS, K_BALANCE_EXPONENT, QUANT_BLOCK
 from .codegen import CompiledKernels, build, load, load_or_build
 from .compressed_kv import CompressedKV, PackedGroup
 from .kernel_set import KernelSetConfig
@@ -25,6 +25,16 @@ DEFAULT_DECODE_SPLITS = 0
 CPU_DECODE_SPLITS = 4
 CTAS_PER_SM = 8
 DECODE_WORKSPACES = 8  # decode scratch sets kept per TurboAttention (one per recent shape/stream/thread)
+
+
+def k_smoothing_torch(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K's channel mean and balance factor by torch reductions (on CUDA, where they run at bandwidth):
+    factor = max_t |k - mean| ** K_BALANCE_EXPONENT, 1 for a constant channel (kernels.quantize.channel_smoothing)."""
+    mean = k.mean(dim=2, dtype=torch.float32)
+    lo, hi = torch.aminmax(k, dim=2)
+    spread = torch.maximum(hi.float() - mean, mean - lo.float())
+    factor = torch.where(hi > lo, spread.pow(K_BALANCE_EXPONENT), torch.ones_like(spread))
+    return mean, factor
 
 
 class TurboAttention:
@@ -67,22 +77,35 @@ class TurboAttention:
         return torch.empty(shape, dtype=dtype, device=like.device)
 
     @on_torch_stream
-    def quantize(self, x: torch.Tensor, dtype: str, mean: torch.Tensor | None = None):
-        """INT8 codes and per-64-token scales of x [B, H, N, D]."""
+    def quantize(self, x: torch.Tensor, dtype: str, smoothing: tuple | None = None,
+                 balance: torch.Tensor | None = None):
+        """INT8 codes and per-64-token scales of x [B, H, N, D].
+
+        ``smoothing`` (mean, factor) [B, H, D]: quantize (x - mean) / factor (K). ``balance`` [B, H_kv, D]:
+        quantize x * balance of each head's KV head (Q). Neither: x itself (V).
+        """
         b, h, n, d = x.shape
         codes = self._empty(x, (b, h, n, d), torch.int8)
         scale = self._empty(x, (b, h, -(-n // QUANT_BLOCK)), torch.float32)
-        if mean is None:
-            self.kernels[names.quantize_name(dtype, False)](x, codes, scale)
+        if smoothing is not None:
+            if not (isinstance(smoothing, tuple) and len(smoothing) == 2):
+                raise TypeError(f"smoothing: expected a (mean, factor) pair, got {type(smoothing).__name__}")
+            self.kernels[names.quantize_name(dtype, "smoothed")](x, *smoothing, codes, scale)
+        elif balance is not None:
+            self.kernels[names.quantize_name(dtype, "balanced")](x, balance, codes, scale)
         else:
-            self.kernels[names.quantize_name(dtype, True)](x, mean, codes, scale)
+            self.kernels[names.quantize_name(dtype, "plain")](x, codes, scale)
         return codes, scale
 
     @on_torch_stream
-    def smoothing_mean(self, k: torch.Tensor, dtype: str) -> torch.Tensor:
+    def smoothing(self, k: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """K's channel mean and balance factor [B, H_kv, D] float32 (docs/algorithm.md §1)."""
+        if self.device_type == "cuda":
+            return k_smoothing_torch(k)
         mean = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
-        self.kernels[names.channel_mean_name(dtype)](k, mean)
-        return mean
+        factor = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
+        self.kernels[names.channel_smoothing_name(dtype)](k, mean, factor)
+        return mean, factor
 
     # ------------------------------------------------------------------ prefill
 
@@ -99,8 +122,9 @@ class TurboAttention:
         if self.device_type == "cuda":
             out = self._prefill_tensor_cores(q, k, v, bool(causal), scale, dtype)
             return out
-        q8, q_scale = self.quantize(q, dtype)
-        k8, k_scale = self.quantize(k, dtype, self.smoothing_mean(k, dtype))
+        k_mean, k_factor = self.smoothing(k, dtype)
+        q8, q_scale = self.quantize(q, dtype, balance=k_factor)
+        k8, k_scale = self.quantize(k, dtype, (k_mean, k_factor))
         v8, v_scale = self.quantize(v, dtype)
         out = torch.empty_like(q)
         kernel = self.kernels[names.prefill_name(q.shape[3], bool(causal), dtype)]
@@ -115,10 +139,9 @@ class TurboAttention:
         q8, q_scale = self._empty(q, (b, h, n, d), torch.int8), self._empty(q, (b, h, nqb), torch.float32)
         k8, k_scale = self._empty(k, (b, hkv, m, d), torch.int8), self._empty(k, (b, hkv, nkb), torch.float32)
         v8t, v_scale = self._empty(v, (b, hkv, d, nkb * QUANT_BLOCK), torch.int8), self._empty(v, (b, hkv, nkb), torch.float32)
-        # the K smoothing offset is a plain per-channel mean: torch's reduction runs at bandwidth
-        k_mean = k.mean(dim=2, dtype=torch.float32)
-        self.kernels[names.quantize_rows_name(dtype, d, False)](q, q8, q_scale)
-        self.kernels[names.quantize_rows_name(dtype, d, True)](k, k_mean, k8, k_scale)
+        k_mean, k_factor = k_smoothing_torch(k)
+        self.kernels[names.quantize_rows_name(dtype, d, "balanced")](q, k_factor, q8, q_scale)
+        self.kernels[names.quantize_rows_name(dtype, d, "smoothed")](k, k_mean, k_factor, k8, k_scale)
         self.kernels[names.quantize_vt_name(dtype, d)](v, v8t, v_scale)
         out = torch.empty_like(q)
         self.kernels[names.prefill_tc_name(d, causal, dtype)](q8, q_scale, k8, k_scale, v8t, v_scale, out, scale)
@@ -128,7 +151,7 @@ class TurboAttention:
 
     @on_torch_stream
     def compress_kv(self, k, v, head_bits) -> CompressedKV:
-        """Quantize K (smoothed) and V to INT8; keep the first 64-token block at INT8 (the sink block) and
+        """Quantize K (smoothed and balanced) and V to INT8; keep the first 64-token block at INT8 (the sink block) and
         compress each later full block to its head's bits."""
         k, v = as_tensor("k", k), as_tensor("v", v)
         for name, x in (("k", k), ("v", v)):
@@ -141,12 +164,12 @@ class TurboAttention:
         if len(head_bits) != k.shape[1] or any(b not in CACHE_BITS for b in head_bits):
             raise ValueError(f"head_bits: expected {k.shape[1]} values (one per KV head) from {CACHE_BITS}, got {head_bits}")
         b, hkv, length, d = k.shape
-        k_mean = self.smoothing_mean(k, dtype)
-        k8, k_scale = self.quantize(k, dtype, k_mean)
+        k_mean, k_factor = self.smoothing(k, dtype)
+        k8, k_scale = self.quantize(k, dtype, (k_mean, k_factor))
         v8, v_scale = self.quantize(v, dtype)
         nblocks = length // QUANT_BLOCK
         compressed_len = nblocks * QUANT_BLOCK
-        cache = CompressedKV(head_bits, d, length, compressed_len, k_mean)
+        cache = CompressedKV(head_bits, d, length, compressed_len, k_mean, k_factor)
         if nblocks:  # block 0: the sink, kept at its INT8 codes
             cache.sink_k, cache.sink_v = k8[:, :, :QUANT_BLOCK].contiguous(), v8[:, :, :QUANT_BLOCK].contiguous()
             cache.sink_k_scale, cache.sink_v_scale = k_scale[:, :, :1].contiguous(), v_scale[:, :, :1].contiguous()
@@ -188,14 +211,15 @@ class TurboAttention:
 
     # ------------------------------------------------------------------ decode
 
-    def _quantize_query(self, q, dtype, q8=None, q_scale=None):
-        """INT8 query: on CUDA through the block-parallel kernel (the generic one is one thread per block)."""
+    def _quantize_query(self, q, dtype, k_factor, q8=None, q_scale=None):
+        """INT8 query balanced by K's factor: on CUDA through the block-parallel kernel (the generic one
+        is one thread per block)."""
         if self.device_type != "cuda":
-            return self.quantize(q, dtype)
+            return self.quantize(q, dtype, balance=k_factor)
         b, h, n, d = q.shape
         q8 = self._empty(q, (b, h, n, d), torch.int8) if q8 is None else q8
         q_scale = self._empty(q, (b, h, -(-n // QUANT_BLOCK)), torch.float32) if q_scale is None else q_scale
-        self.kernels[names.quantize_rows_name(dtype, d, False)](q, q8, q_scale)
+        self.kernels[names.quantize_rows_name(dtype, d, "balanced")](q, k_factor, q8, q_scale)
         return q8, q_scale
 
     def _decode_workspace(self, q, slots: int) -> tuple:
@@ -260,7 +284,7 @@ class TurboAttention:
         if h % cache.num_kv_heads or b != cache.k_mean.shape[0]:
             raise ValueError(f"q: expected batch {cache.k_mean.shape[0]} and heads a multiple of "
                              f"{cache.num_kv_heads} (the cache's), got shape {tuple(q.shape)}")
-        if cache.k_mean.device != q.device:
+        if cache.k_mean.device != q.device or cache.k_factor.device != q.device:
             raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {cache.k_mean.device}")
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
@@ -277,7 +301,7 @@ class TurboAttention:
         buffer_slot = sink_slot + (cache.sink_k is not None)
         slots = buffer_slot + (cache.buffer_k is not None)
         q8, q_scale, o_part, m_part, l_part = self._decode_workspace(q, slots)
-        q8, q_scale = self._quantize_query(q, dtype, q8, q_scale)
+        q8, q_scale = self._quantize_query(q, dtype, cache.k_factor, q8, q_scale)
         for group in cache.groups:
             self.kernels[names.decode_split_name(d, group.bits)](
                 q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, num_splits, 0, packed_len)

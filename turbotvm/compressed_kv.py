@@ -63,6 +63,7 @@ class CompressedKV(SinkLayout):
     length: int
     compressed_len: int
     k_mean: torch.Tensor  # [B, H_kv, D] float32: K smoothing offset, reused for later tokens
+    k_factor: torch.Tensor  # [B, H_kv, D] float32: K's balance factor (K / factor, Q * factor), likewise
     groups: list = field(default_factory=list)  # PackedGroup per bit width present
     buffer_k: torch.Tensor | None = None  # [B, H_kv, L - Lc, D] int8
     buffer_k_scale: torch.Tensor | None = None  # [B, H_kv, 1] float32
@@ -79,7 +80,7 @@ class CompressedKV(SinkLayout):
 
     def nbytes(self) -> int:
         """Bytes held, scales and offsets included."""
-        tensors = [self.k_mean] + [t for g in self.groups for t in g.tensors()]
+        tensors = [self.k_mean, self.k_factor] + [t for g in self.groups for t in g.tensors()]
         tensors += [t for t in (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale,
                                 self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)

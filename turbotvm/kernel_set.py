@@ -41,12 +41,13 @@ class KernelSetConfig:
 # --------------------------------------------------------------------------- names
 
 
-def quantize_name(dtype: str, smoothed: bool) -> str:
-    return f"quantize_{'smoothed_' if smoothed else ''}{dtype}"
+def quantize_name(dtype: str, mode: str) -> str:
+    """``mode``: one of kernels.quantize.QUANTIZE_MODES (plain: V; smoothed: K; balanced: Q)."""
+    return f"quantize_{'' if mode == 'plain' else mode + '_'}{dtype}"
 
 
-def channel_mean_name(dtype: str) -> str:
-    return f"channel_mean_{dtype}"
+def channel_smoothing_name(dtype: str) -> str:
+    return f"channel_smoothing_{dtype}"
 
 
 def compress_name(bits: int) -> str:
@@ -65,8 +66,8 @@ def prefill_tc_name(head_dim: int, causal: bool, dtype: str) -> str:
     return f"prefill_tc_{'causal' if causal else 'full'}_d{head_dim}_{dtype}"
 
 
-def quantize_rows_name(dtype: str, head_dim: int, smoothed: bool) -> str:
-    return f"quantize_rows_{'smoothed_' if smoothed else ''}{dtype}_d{head_dim}"
+def quantize_rows_name(dtype: str, head_dim: int, mode: str) -> str:
+    return f"quantize_rows_{'' if mode == 'plain' else mode + '_'}{dtype}_d{head_dim}"
 
 
 def quantize_vt_name(dtype: str, head_dim: int) -> str:
@@ -97,9 +98,10 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> Kerne
     """All kernels for a target kind: on CUDA, prefill and decode are the hand-mapped kernels."""
     funcs, hand_mapped = {}, {}
     for dtype in config.dtypes:
-        funcs[quantize_name(dtype, False)] = quantize.quantize_int8(dtype, smoothed=False)
-        funcs[quantize_name(dtype, True)] = quantize.quantize_int8(dtype, smoothed=True)
-        funcs[channel_mean_name(dtype)] = quantize.channel_mean(dtype)
+        for mode in quantize.QUANTIZE_MODES:
+            funcs[quantize_name(dtype, mode)] = quantize.quantize_int8(dtype, mode)
+        if target_kind != "cuda":  # CUDA reduces K's channels with torch (attention.k_smoothing_torch)
+            funcs[channel_smoothing_name(dtype)] = quantize.channel_smoothing(dtype)
     for bits in CACHE_BITS:
         funcs[compress_name(bits)] = kv_compress.compress(bits)
         funcs[decompress_name(bits)] = kv_compress.decompress(bits)
@@ -108,11 +110,11 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> Kerne
             if target_kind == "cuda":
                 for causal in (False, True):
                     hand_mapped[prefill_tc_name(d, causal, dtype)] = prefill_tc.prefill_tc(d, causal, dtype)
-                for smoothed in (False, True):
-                    hand_mapped[quantize_rows_name(dtype, d, smoothed)] = quantize_cuda.quantize_rows(
-                        dtype, d, smoothed, transposed=False)
+                for mode in quantize.QUANTIZE_MODES:
+                    hand_mapped[quantize_rows_name(dtype, d, mode)] = quantize_cuda.quantize_rows(
+                        dtype, d, mode, transposed=False)
                 hand_mapped[quantize_vt_name(dtype, d)] = quantize_cuda.quantize_rows(
-                    dtype, d, smoothed=False, transposed=True)
+                    dtype, d, "plain", transposed=True)
             else:
                 for causal in (False, True):
                     funcs[prefill_name(d, causal, dtype)] = prefill.prefill(d, causal, dtype)

@@ -16,14 +16,14 @@ Storage (docs/algorithm.md §2, §5):
   INT8 codes instead would round twice, and the block's INT4/INT2 codes would differ from a cache
   compressed in one go. That costs at most 63 tokens per KV head, whatever the length.
 
-The K smoothing mean is fixed by the first append (usually the prompt) and never recomputed.
-Subtracting any fixed per-channel offset μ moves every score of a query by the same q·μ, which
-softmax cancels, so any fixed offset is valid. Recomputing it would change the INT8 codes of every
-block already compressed.
+K's smoothing (channel mean and balance factor) is fixed by the first append (usually the prompt) and
+never recomputed. Subtracting any fixed per-channel offset μ moves every score of a query by the same
+q·μ, which softmax cancels, and any fixed factor f cancels between K / f and Q · f, so any fixed pair
+is valid. Recomputing them would change the INT8 codes of every block already compressed.
 
 The cache exposes the attributes of ``CompressedKV`` (head_bits, head_dim, length, compressed_len,
-k_mean, groups, buffer_*, sink_*), so ``TurboAttention.decode`` and ``turbotvm.ops.turbo_decode`` read it
-directly.
+k_mean, k_factor, groups, buffer_*, sink_*), so ``TurboAttention.decode`` and ``turbotvm.ops.turbo_decode``
+read it directly.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class TurboKVCache(SinkLayout):
         self.head_bits: tuple | None = None
         self.head_dim: int | None = None
         self.k_mean: torch.Tensor | None = None  # [B, H_kv, D] float32, fixed by the first append
+        self.k_factor: torch.Tensor | None = None  # [B, H_kv, D] float32: K's balance factor, likewise
         self.groups: list[PackedGroup] = []  # tensors with spare capacity along dim 2
         self.compressed_len = 0
         self.buffer_k = self.buffer_k_scale = self.buffer_v = self.buffer_v_scale = None
@@ -101,7 +102,7 @@ class TurboKVCache(SinkLayout):
         """
         if self.k_mean is None:
             return 0
-        total = _nbytes(self.k_mean)
+        total = _nbytes(self.k_mean) + _nbytes(self.k_factor)
         for group in self.groups:
             total += _nbytes(group.heads)
             for t in group.tensors():
@@ -132,7 +133,7 @@ class TurboKVCache(SinkLayout):
                                   self.buffer_k_scale, self.buffer_v_scale)
         k_open = k.contiguous() if self._open_k is None else torch.cat((self._open_k, k), dim=2)
         v_open = v.contiguous() if self._open_v is None else torch.cat((self._open_v, v), dim=2)
-        k8, k_scale = runtime.quantize(k_open, dtype, self.k_mean)
+        k8, k_scale = runtime.quantize(k_open, dtype, (self.k_mean, self.k_factor))
         v8, v_scale = runtime.quantize(v_open, dtype)
         blocks = k_open.shape[2] // QUANT_BLOCK
         closed = blocks * QUANT_BLOCK
@@ -179,7 +180,7 @@ class TurboKVCache(SinkLayout):
         return runtime
 
     def _start(self, runtime: TurboAttention, k, v, dtype: str) -> None:
-        """First append: fix the runtime, dtype, head bits and the K smoothing mean."""
+        """First append: fix the runtime, dtype, head bits and K's smoothing (mean and balance factor)."""
         hkv = k.shape[1]
         if self._requested_bits is None:
             bits = select_head_bits(k, v, self._share_2bit)
@@ -189,7 +190,7 @@ class TurboKVCache(SinkLayout):
         if len(bits) != hkv or any(b not in CACHE_BITS for b in bits):
             raise ValueError(f"head_bits: expected {hkv} values (one per KV head) from {CACHE_BITS}, got {bits}")
         self.runtime, self._dtype, self.head_bits, self.head_dim = runtime, k.dtype, bits, k.shape[3]
-        self.k_mean = runtime.smoothing_mean(k.contiguous(), dtype)
+        self.k_mean, self.k_factor = runtime.smoothing(k.contiguous(), dtype)
 
     # ------------------------------------------------------------------ growing storage
 

@@ -65,25 +65,25 @@ def _turbo_attention_fake(q, k, v, causal=False, scale=None):
 
 
 @torch.library.custom_op("turbotvm::turbo_decode", mutates_args=())
-def turbo_decode_op(q: Tensor, k_mean: Tensor, packed: list[Tensor], group_bits: list[int], head_bits: list[int],
-                    buffer_k: Optional[Tensor], buffer_k_scale: Optional[Tensor],
+def turbo_decode_op(q: Tensor, k_mean: Tensor, k_factor: Tensor, packed: list[Tensor], group_bits: list[int],
+                    head_bits: list[int], buffer_k: Optional[Tensor], buffer_k_scale: Optional[Tensor],
                     buffer_v: Optional[Tensor], buffer_v_scale: Optional[Tensor],
                     sink_k: Optional[Tensor], sink_k_scale: Optional[Tensor],
                     sink_v: Optional[Tensor], sink_v_scale: Optional[Tensor],
                     length: int, compressed_len: int, scale: Optional[float] = None,
                     num_splits: int = DEFAULT_DECODE_SPLITS) -> Tensor:
     """Decode over a cache passed as tensors (see ``cache_as_op_args``); q [B,H,1,D] -> q's shape and dtype."""
-    cache = _cache_from_op_args(q, k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale,
+    cache = _cache_from_op_args(q, k_mean, k_factor, packed, group_bits, head_bits, buffer_k, buffer_k_scale,
                                 buffer_v, buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale,
                                 length, compressed_len, scale, num_splits)
     return runtime_for(q.device).decode(q, cache, scale=scale, num_splits=num_splits)
 
 
 @turbo_decode_op.register_fake
-def _turbo_decode_fake(q, k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale, buffer_v, buffer_v_scale,
-                       sink_k, sink_k_scale, sink_v, sink_v_scale, length, compressed_len, scale=None,
+def _turbo_decode_fake(q, k_mean, k_factor, packed, group_bits, head_bits, buffer_k, buffer_k_scale, buffer_v,
+                       buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale, length, compressed_len, scale=None,
                        num_splits=DEFAULT_DECODE_SPLITS):
-    _cache_from_op_args(q, k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale,
+    _cache_from_op_args(q, k_mean, k_factor, packed, group_bits, head_bits, buffer_k, buffer_k_scale,
                         buffer_v, buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale,
                         length, compressed_len, scale, num_splits)
     return torch.empty_like(q)
@@ -95,7 +95,7 @@ def turbo_decode(q: Tensor, cache, scale: Optional[float] = None, num_splits: in
 
 
 def cache_as_op_args(cache) -> tuple:
-    """The cache as the op takes it: (k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale,
+    """The cache as the op takes it: (k_mean, k_factor, packed, group_bits, head_bits, buffer_k, buffer_k_scale,
     buffer_v, buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale, length, compressed_len).
 
     ``packed`` lists each group's head ids then its ``PackedGroup.tensors()``, group after group; every
@@ -108,7 +108,7 @@ def cache_as_op_args(cache) -> tuple:
     if cache.k_mean is None:
         raise ValueError("cache: expected at least one appended token, got an empty TurboKVCache")
     packed = [t for group in cache.groups for t in (group.heads, *group.tensors())]
-    return (cache.k_mean, packed, [int(g.bits) for g in cache.groups], [int(b) for b in cache.head_bits],
+    return (cache.k_mean, cache.k_factor, packed, [int(g.bits) for g in cache.groups], [int(b) for b in cache.head_bits],
             cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale,
             cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
             cache.length, cache.compressed_len)
@@ -124,7 +124,7 @@ class _GroupTensors:
         return self._tensors
 
 
-def _cache_from_op_args(q, k_mean, packed, group_bits, head_bits, buffer_k, buffer_k_scale, buffer_v,
+def _cache_from_op_args(q, k_mean, k_factor, packed, group_bits, head_bits, buffer_k, buffer_k_scale, buffer_v,
                         buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale, length, compressed_len, scale,
                         num_splits) -> CompressedKV:
     """Checks the op's arguments (before any kernel) and reassembles the CompressedKV they flatten."""
@@ -134,7 +134,8 @@ def _cache_from_op_args(q, k_mean, packed, group_bits, head_bits, buffer_k, buff
     check_scale(scale, q.shape[3])
     buffers = {"buffer_k": buffer_k, "buffer_k_scale": buffer_k_scale, "buffer_v": buffer_v, "buffer_v_scale": buffer_v_scale}
     sinks = {"sink_k": sink_k, "sink_k_scale": sink_k_scale, "sink_v": sink_v, "sink_v_scale": sink_v_scale}
-    _check_same_device(q, k_mean=k_mean, **buffers, **sinks, **{f"packed[{i}]": t for i, t in enumerate(packed)})
+    _check_same_device(q, k_mean=k_mean, k_factor=k_factor, **buffers, **sinks,
+                       **{f"packed[{i}]": t for i, t in enumerate(packed)})
     if q.shape[2] != 1:
         raise ValueError(f"q: expected one token per sequence for decode ([B, H, 1, D]), got shape {tuple(q.shape)}")
     if group_bits and len(packed) % len(group_bits):
@@ -158,8 +159,11 @@ def _cache_from_op_args(q, k_mean, packed, group_bits, head_bits, buffer_k, buff
             if tuple(x.shape) != shape or x.dtype != dtype:
                 raise ValueError(f"{name}: expected shape {shape} and dtype {dtype} (the INT8 sink block), "
                                  f"got {tuple(x.shape)}, {x.dtype}")
+    if k_factor.shape != k_mean.shape or k_factor.dtype != k_mean.dtype:
+        raise ValueError(f"k_factor: expected shape {tuple(k_mean.shape)} and dtype {k_mean.dtype} (those of k_mean), "
+                         f"got {tuple(k_factor.shape)}, {k_factor.dtype}")
     per_group = len(packed) // len(group_bits) if group_bits else 0
     groups = [_GroupTensors(bits, packed[i * per_group], packed[i * per_group + 1:(i + 1) * per_group])
               for i, bits in enumerate(group_bits)]
-    return CompressedKV(tuple(head_bits), k_mean.shape[2], length, compressed_len, k_mean, groups,
+    return CompressedKV(tuple(head_bits), k_mean.shape[2], length, compressed_len, k_mean, k_factor, groups,
                         buffer_k, buffer_k_scale, buffer_v, buffer_v_scale, sink_k, sink_k_scale, sink_v, sink_v_scale)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK, SAS_LUT, SAS_MAX_INT, SAS_POLY
+from .algorithm import (CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, K_BALANCE_EXPONENT, QUANT_BLOCK, SAS_LUT, SAS_MAX_INT,
+                        SAS_POLY)
 
 # ----------------------------------------------------------------------------- exact
 
@@ -49,19 +50,35 @@ def _visible(n, m, causal):
 # ----------------------------------------------------------------------------- FlashQ stage 1
 
 
-def smoothing_mean(k):
-    """Per-(batch, kv head, channel) mean of K over tokens; subtracting it leaves softmax unchanged."""
-    return np.asarray(k, np.float64).mean(axis=2)
+def smoothing(k):
+    """K's channel offset and balance factor, per (batch, kv head, channel) over the tokens.
+
+    mean_c = mean_t K_tc; f_c = (max_t |K_tc - mean_c|) ** K_BALANCE_EXPONENT (1 where that is 0).
+    """
+    k = np.asarray(k, np.float64)
+    mean = k.mean(axis=2)
+    absmax = np.abs(k - mean[:, :, None, :]).max(axis=2)
+    return mean, np.where(absmax > 0, absmax, 1.0) ** K_BALANCE_EXPONENT
 
 
-def quantize_int8(x, mean=None):
+def smooth_k(k, mean, factor):
+    """(K - mean) / f: the offset cancels in softmax (every score of a row moves by q·mean), f against balance_q."""
+    k = np.asarray(k, np.float64)
+    return (k - np.asarray(mean, np.float64)[:, :, None, :]) / np.asarray(factor, np.float64)[:, :, None, :]
+
+
+def balance_q(q, factor):
+    """Q · f per channel, f of the query head's KV head: (Q·f)·((K - mean)/f)ᵀ = Q·(K - mean)ᵀ."""
+    q, factor = np.asarray(q, np.float64), np.asarray(factor, np.float64)
+    return q * np.repeat(factor, q.shape[1] // factor.shape[1], axis=1)[:, :, None, :]
+
+
+def quantize_int8(x):
     """Block-wise symmetric INT8: one scale per (batch, head, QUANT_BLOCK tokens).
 
     Returns (codes int8 [B,H,N,D], scales [B,H,ceil(N/QUANT_BLOCK)]); x ≈ codes * scale.
     """
     x = np.asarray(x, np.float64)
-    if mean is not None:
-        x = x - np.asarray(mean, np.float64)[:, :, None, :]
     b, h, n, d = x.shape
     nblk = -(-n // QUANT_BLOCK)
     padded = np.zeros((b, h, nblk * QUANT_BLOCK, d))
@@ -134,14 +151,16 @@ def _sas_of_difference(a, b):
 # ----------------------------------------------------------------------------- prefill
 
 
-def turbo_prefill(q, k, v, causal=False, scale=None, smooth_k=True):
-    """TurboAttention prefill: INT8 Q·Kᵀ, SAS online softmax over 64-token KV tiles, INT8 P·V."""
+def turbo_prefill(q, k, v, causal=False, scale=None):
+    """TurboAttention prefill: INT8 Q·Kᵀ (K smoothed and balanced), SAS online softmax over 64-token
+    KV tiles, INT8 P·V."""
     q = np.asarray(q, np.float64)
     b, h, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
     scale = scale if scale is not None else d**-0.5
-    q8, qs = quantize_int8(q)
-    k8, ks = quantize_int8(k, smoothing_mean(k) if smooth_k else None)
+    k_mean, k_factor = smoothing(k)
+    q8, qs = quantize_int8(balance_q(q, k_factor))
+    k8, ks = quantize_int8(smooth_k(k, k_mean, k_factor))
     v8, vs = quantize_int8(v)
     group = h // hkv
     k8, ks, v8, vs = (np.repeat(a, group, axis=1) for a in (k8, ks, v8, vs))
@@ -254,20 +273,22 @@ class ReferenceCache:
     ks: np.ndarray  # [B,Hkv,ceil(L/64)]
     v8: np.ndarray
     vs: np.ndarray
+    k_factor: np.ndarray  # [B,Hkv,D]: K's balance factor, which the query takes on (balance_q)
     compressed_len: int  # tokens before the INT8 buffer (multiple of 64): the sink block + the INT4/INT2 blocks
     sink_len: int = 0  # tokens of the INT8 sink block: 0 or 64
 
 
-def build_cache(k, v, head_bits, k_mean=None, sink=True):
-    """Quantize K (smoothed), V to INT8; keep the first full 64-token block at INT8 (the sink block) and
-    compress every later full block per its head's bits.
+def build_cache(k, v, head_bits, k_smoothing=None, sink=True):
+    """Quantize K (smoothed and balanced), V to INT8; keep the first full 64-token block at INT8 (the
+    sink block) and compress every later full block per its head's bits.
 
-    ``k_mean`` [B, Hkv, D] is the K smoothing offset; default: the mean over all tokens (a cache
+    ``k_smoothing`` (mean, factor), each [B, Hkv, D]; default: ``smoothing`` of all tokens (a cache
     compressed in one go). A cache grown by appends fixes it from its first append instead.
     ``sink=False`` compresses block 0 too (the layout before the sink block; for comparisons only,
     the kernels have no such mode).
     """
-    k8, ks = quantize_int8(k, smoothing_mean(k) if k_mean is None else k_mean)
+    k_mean, k_factor = smoothing(k) if k_smoothing is None else k_smoothing
+    k8, ks = quantize_int8(smooth_k(k, k_mean, k_factor))
     v8, vs = quantize_int8(v)
     length = k8.shape[2]
     compressed_len = (length // QUANT_BLOCK) * QUANT_BLOCK
@@ -277,7 +298,7 @@ def build_cache(k, v, head_bits, k_mean=None, sink=True):
             part = x8[:, head : head + 1, sink_len:compressed_len]
             if compressed_len > sink_len:
                 x8[:, head : head + 1, sink_len:compressed_len] = decompress_int8(*compress_int8(part, int(bits), outliers))
-    return ReferenceCache(k8, ks, v8, vs, compressed_len, sink_len)
+    return ReferenceCache(k8, ks, v8, vs, np.asarray(k_factor, np.float64), compressed_len, sink_len)
 
 
 def decode_partition(num_blocks, num_splits):
@@ -297,7 +318,7 @@ def turbo_decode(q, cache: ReferenceCache, scale=None, num_splits=4):
     b, h, _, d = q.shape
     group = h // cache.k8.shape[1]
     scale = scale if scale is not None else d**-0.5
-    q8, qs = quantize_int8(q)
+    q8, qs = quantize_int8(balance_q(q, cache.k_factor))
     k8, ks, v8, vs = (np.repeat(a, group, axis=1) for a in (cache.k8, cache.ks, cache.v8, cache.vs))
     row_scale = qs[:, :, :1] * scale  # [B,H,1]
     length = k8.shape[2]

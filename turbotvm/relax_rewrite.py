@@ -193,24 +193,27 @@ def _kernel(bb: relax.BlockBuilder, name: str, func) -> tvm.ir.GlobalVar:
     return bb.add_func(func.without_attr("global_symbol").with_attr(KERNEL_ATTR, name), name)
 
 
-def _quantized(bb, x, shape, dtype, mean=None):
-    """(INT8 codes, per-64-token scales) of x [B, H, N, D] as a call_tir tuple."""
+def _quantized(bb, x, shape, dtype, mode="plain", per_channel=()):
+    """(INT8 codes, per-64-token scales) of x [B, H, N, D] as a call_tir tuple; ``per_channel``: the
+    mode's [B, H(_kv), D] arguments (kernels/quantize.py)."""
     b, h, n, _ = shape
-    gv = _kernel(bb, names.quantize_name(dtype, mean is not None), quantize.quantize_int8(dtype, mean is not None))
+    gv = _kernel(bb, names.quantize_name(dtype, mode), quantize.quantize_int8(dtype, mode))
     out = [relax.TensorType(shape, "int8"), relax.TensorType([b, h, (n + QUANT_BLOCK - 1) // QUANT_BLOCK], "float32")]
-    call = relax.call_tir(gv, [x] if mean is None else [x, mean], out)
+    call = relax.call_tir(gv, [x, *per_channel], out)
     return relax.TupleGetItem(call, 0), relax.TupleGetItem(call, 1)
 
 
 def _turbo(bb, att: MatchedAttention, q, kt, v):
-    """The CPU prefill pipeline of turbotvm.attention: K mean, smoothed K / Q / V to INT8, prefill."""
+    """The CPU prefill pipeline of turbotvm.attention: K's smoothing, balanced Q / smoothed K / V to INT8, prefill."""
     b, hkv, d, kv_len = kt.ty.shape.values
     k_shape = [b, hkv, kv_len, d]
     k = relax.op.permute_dims(kt, [0, 1, 3, 2])
-    mean_gv = _kernel(bb, names.channel_mean_name(att.dtype), quantize.channel_mean(att.dtype))
-    mean = relax.call_tir(mean_gv, [k], relax.TensorType([b, hkv, d], "float32"))
-    q8 = _quantized(bb, q, list(q.ty.shape.values), att.dtype)
-    k8 = _quantized(bb, k, k_shape, att.dtype, mean)
+    smoothing_gv = _kernel(bb, names.channel_smoothing_name(att.dtype), quantize.channel_smoothing(att.dtype))
+    per_channel = relax.TensorType([b, hkv, d], "float32")
+    smoothing = relax.call_tir(smoothing_gv, [k], [per_channel, per_channel])
+    mean, factor = relax.TupleGetItem(smoothing, 0), relax.TupleGetItem(smoothing, 1)
+    q8 = _quantized(bb, q, list(q.ty.shape.values), att.dtype, "balanced", [factor])
+    k8 = _quantized(bb, k, k_shape, att.dtype, "smoothed", [mean, factor])
     v8 = _quantized(bb, v, k_shape, att.dtype)
     name = names.prefill_name(att.head_dim, att.causal, att.dtype)
     kernel = prefill.prefill(att.head_dim, att.causal, att.dtype)

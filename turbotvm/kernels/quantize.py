@@ -1,56 +1,82 @@
-"""FlashQ stage 1: block-wise symmetric INT8 quantization of Q, K or V (docs/algorithm.md §1)."""
+"""FlashQ stage 1: block-wise symmetric INT8 quantization of Q, K or V (docs/algorithm.md §1).
+
+Three forms of the same kernel, by what is applied per channel before the block absmax:
+``plain`` (V), ``smoothed`` ((K - mean) / factor) and ``balanced`` (Q · factor of its KV head).
+"""
 
 from tvm.script import tirx as T
 
-from ..algorithm import INT8_MAX, QUANT_BLOCK
+from ..algorithm import INT8_MAX, K_BALANCE_EXPONENT, QUANT_BLOCK
 
 BLK = QUANT_BLOCK
+#: What a quantize kernel applies per channel: nothing, K's smoothing, or Q's balance.
+QUANTIZE_MODES = ("plain", "smoothed", "balanced")
 
 
-def channel_mean(in_dtype: str):
-    """mean[b, h, d] = mean over tokens of x[b, h, :, d]: the K smoothing offset."""
+def channel_smoothing(in_dtype: str):
+    """K's smoothing per (b, h, d) over tokens: mean, and factor = max|x - mean| ** K_BALANCE_EXPONENT (1 if 0)."""
 
     @T.prim_func(s_tir=True)
-    def channel_mean_func(x_h: T.handle, mean_h: T.handle):
+    def channel_smoothing_func(x_h: T.handle, mean_h: T.handle, factor_h: T.handle):
         B, H, N, D = T.int64(), T.int64(), T.int64(), T.int64()
         x = T.match_buffer(x_h, (B, H, N, D), in_dtype)
         mean = T.match_buffer(mean_h, (B, H, D), "float32")
+        factor = T.match_buffer(factor_h, (B, H, D), "float32")
         for b, h, d in T.grid(B, H, D):
             with T.sblock("channel"):
                 vb, vh, vd = T.axis.remap("SSS", [b, h, d])
                 T.reads(x[vb, vh, 0:N, vd])
-                T.writes(mean[vb, vh, vd])
+                T.writes(mean[vb, vh, vd], factor[vb, vh, vd])
                 total = T.sblock_alloc_buffer((1,), "float32")
+                lo = T.sblock_alloc_buffer((1,), "float32")
+                hi = T.sblock_alloc_buffer((1,), "float32")
                 for t in range(N):
                     with T.sblock("sum"):
                         vt = T.axis.remap("R", [t])
                         with T.init():
                             total[0] = T.float32(0)
+                            lo[0] = T.float32(3.4e38)
+                            hi[0] = T.float32(-3.4e38)
                         total[0] = total[0] + T.Cast("float32", x[vb, vh, vt, vd])
-                with T.sblock("divide"):
+                        lo[0] = T.min(lo[0], T.Cast("float32", x[vb, vh, vt, vd]))
+                        hi[0] = T.max(hi[0], T.Cast("float32", x[vb, vh, vt, vd]))
+                with T.sblock("mean_factor"):
                     mean[vb, vh, vd] = total[0] / T.Cast("float32", N)
+                    # max_t |x_t - mean| = max(hi - mean, mean - lo), > 0 unless the channel is constant
+                    factor[vb, vh, vd] = T.Select(
+                        hi[0] > lo[0],
+                        T.pow(T.max(hi[0] - mean[vb, vh, vd], mean[vb, vh, vd] - lo[0]), T.float32(K_BALANCE_EXPONENT)),
+                        T.float32(1))
 
-    return channel_mean_func
+    return channel_smoothing_func
 
 
-def _centered(x, mean, b, h, t, d):
-    if mean is None:
-        return T.Cast("float32", x[b, h, t, d])
-    return T.Cast("float32", x[b, h, t, d]) - mean[b, h, d]
+def _prepared(x, mean, factor, b, h, t, d, group):
+    """x[b, h, t, d] as the mode wants it: (x - mean) / factor, x * factor[KV head], or x."""
+    value = T.Cast("float32", x[b, h, t, d])
+    if mean is not None:
+        return (value - mean[b, h, d]) / factor[b, h, d]
+    if factor is not None:
+        return value * factor[b, h // group, d]
+    return value
 
 
-def quantize_int8(in_dtype: str, smoothed: bool):
-    """codes = clip(rint((x - mean) / s), ±127), s = absmax / 127 per (b, h, 64-token block)."""
+def quantize_int8(in_dtype: str, mode: str = "plain"):
+    """codes = clip(rint(x' / s), ±127), s = absmax(x') / 127 per (b, h, 64-token block), x' per ``mode``."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"mode: expected one of {QUANTIZE_MODES}, got {mode!r}")
 
     @T.macro
-    def body(x, mean, codes, scale, B, H, N, D, NB):
+    def body(x, mean, factor, codes, scale, B, H, N, D, NB, group):
         for b, h, blk in T.grid(B, H, NB):
             with T.sblock("block"):
                 vb, vh, vblk = T.axis.remap("SSS", [b, h, blk])
-                if mean is None:
-                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D])
+                if mean is not None:
+                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], mean[vb, vh, 0:D], factor[vb, vh, 0:D])
+                elif factor is not None:
+                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], factor[vb, vh // group, 0:D])
                 else:
-                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], mean[vb, vh, 0:D])
+                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D])
                 T.writes(codes[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], scale[vb, vh, vblk])
                 absmax = T.sblock_alloc_buffer((1,), "float32")
                 inv = T.sblock_alloc_buffer((1,), "float32")
@@ -60,7 +86,8 @@ def quantize_int8(in_dtype: str, smoothed: bool):
                         T.where(vblk * BLK + t < N)
                         with T.init():
                             absmax[0] = T.float32(0)
-                        absmax[0] = T.max(absmax[0], T.abs(_centered(x, mean, vb, vh, vblk * BLK + vt, vd)))
+                        absmax[0] = T.max(absmax[0], T.abs(
+                            _prepared(x, mean, factor, vb, vh, vblk * BLK + vt, vd, group)))
                 with T.sblock("scale"):
                     scale[vb, vh, vblk] = T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1)) / T.float32(INT8_MAX)
                     inv[0] = T.float32(INT8_MAX) / T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1))
@@ -70,22 +97,38 @@ def quantize_int8(in_dtype: str, smoothed: bool):
                         T.where(vblk * BLK + t < N)
                         codes[vb, vh, vblk * BLK + vt, vd] = T.Cast(
                             "int8",
-                            T.min(T.max(T.nearbyint(_centered(x, mean, vb, vh, vblk * BLK + vt, vd) * inv[0]),
-                                        T.float32(-INT8_MAX)), T.float32(INT8_MAX)),
+                            T.min(T.max(T.nearbyint(
+                                _prepared(x, mean, factor, vb, vh, vblk * BLK + vt, vd, group) * inv[0]),
+                                T.float32(-INT8_MAX)), T.float32(INT8_MAX)),
                         )
 
-    if smoothed:
+    if mode == "smoothed":
 
         @T.prim_func(s_tir=True)
-        def quantize_smoothed(x_h: T.handle, mean_h: T.handle, codes_h: T.handle, scale_h: T.handle):
+        def quantize_smoothed(x_h: T.handle, mean_h: T.handle, factor_h: T.handle, codes_h: T.handle,
+                              scale_h: T.handle):
             B, H, N, D, NB = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
             x = T.match_buffer(x_h, (B, H, N, D), in_dtype)
             mean = T.match_buffer(mean_h, (B, H, D), "float32")
+            factor = T.match_buffer(factor_h, (B, H, D), "float32")
             codes = T.match_buffer(codes_h, (B, H, N, D), "int8")
             scale = T.match_buffer(scale_h, (B, H, NB), "float32")
-            body(x, mean, codes, scale, B, H, N, D, NB)
+            body(x, mean, factor, codes, scale, B, H, N, D, NB, 1)
 
         return quantize_smoothed
+
+    if mode == "balanced":
+
+        @T.prim_func(s_tir=True)
+        def quantize_balanced(x_h: T.handle, factor_h: T.handle, codes_h: T.handle, scale_h: T.handle):
+            B, H, HKV, N, D, NB = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            x = T.match_buffer(x_h, (B, H, N, D), in_dtype)
+            factor = T.match_buffer(factor_h, (B, HKV, D), "float32")
+            codes = T.match_buffer(codes_h, (B, H, N, D), "int8")
+            scale = T.match_buffer(scale_h, (B, H, NB), "float32")
+            body(x, None, factor, codes, scale, B, H, N, D, NB, H // HKV)
+
+        return quantize_balanced
 
     @T.prim_func(s_tir=True)
     def quantize(x_h: T.handle, codes_h: T.handle, scale_h: T.handle):
@@ -93,6 +136,6 @@ def quantize_int8(in_dtype: str, smoothed: bool):
         x = T.match_buffer(x_h, (B, H, N, D), in_dtype)
         codes = T.match_buffer(codes_h, (B, H, N, D), "int8")
         scale = T.match_buffer(scale_h, (B, H, NB), "float32")
-        body(x, None, codes, scale, B, H, N, D, NB)
+        body(x, None, None, codes, scale, B, H, N, D, NB, 1)
 
     return quantize

@@ -1,14 +1,15 @@
 """FlashQ stage 1 on CUDA, in the layouts the tensor-core prefill reads (same math as quantize.py).
 
 One CTA quantizes one 64-token block of one (batch, head): 128 threads read it coalesced, reduce
-|x - mean| to the block's absmax (warp shuffles, then 4 warp results through shared memory) and
-write the INT8 codes. ``transposed`` writes V as v8t [B, H, D, blocks * 64] with each tile's keys
-in the P-fragment order of ``prefill_tc.key_position`` (zeros past the last token).
+|x'| (x' per mode, as in quantize.py) to the block's absmax (warp shuffles, then 4 warp results
+through shared memory) and write the INT8 codes. ``transposed`` writes V as v8t [B, H, D, blocks * 64]
+with each tile's keys in the P-fragment order of ``prefill_tc.key_position`` (zeros past the last token).
 """
 
 from tvm.script import tirx as T
 
 from ..algorithm import INT8_MAX, QUANT_BLOCK
+from .quantize import QUANTIZE_MODES
 
 BLK = QUANT_BLOCK
 THREADS = 128
@@ -22,20 +23,25 @@ def key_at(p):
     return ks * 32 + j // 4 * 16 + e // 2 * 8 + j % 4 * 2 + e % 2
 
 
-def quantize_rows(in_dtype: str, head_dim: int, smoothed: bool, transposed: bool):
+def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"mode: expected one of {QUANTIZE_MODES}, got {mode!r}")
     D = head_dim
     PER_THREAD = BLK * D // THREADS
 
-    def centered(x, mean, b, h, t, d):
+    def centered(x, mean, factor, b, h, t, d, group):
+        value = T.Cast("float32", x[b, h, t, d])
         if mean is not None:
-            return T.Cast("float32", x[b, h, t, d]) - mean[b, h, d]
-        return T.Cast("float32", x[b, h, t, d])
+            return (value - mean[b, h, d]) / factor[b, h, d]
+        if factor is not None:
+            return value * factor[b, h // group, d]
+        return value
 
     def code(value, inv):
         return T.Cast("int8", T.min(T.max(T.nearbyint(value * inv), T.float32(-INT8_MAX)), T.float32(INT8_MAX)))
 
     @T.macro
-    def body(x, mean, codes, scale, B, H, N, NB, NC):
+    def body(x, mean, factor, codes, scale, B, H, N, NB, NC, group):
         for blk in T.thread_binding(NB, thread="blockIdx.x"):
             for bh in T.thread_binding(B * H, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
@@ -52,7 +58,8 @@ def quantize_rows(in_dtype: str, head_dim: int, smoothed: bool, transposed: bool
                         for i in T.unroll(PER_THREAD):
                             if blk * BLK + (i * THREADS + tx) // D < N:
                                 absmax[0] = T.max(absmax[0], T.abs(centered(
-                                    x, mean, b, h, blk * BLK + (i * THREADS + tx) // D, (i * THREADS + tx) % D)))
+                                    x, mean, factor, b, h, blk * BLK + (i * THREADS + tx) // D, (i * THREADS + tx) % D,
+                                    group)))
                         absmax[0] = T.cuda.warp_reduce(absmax[0], "max", 32)
                         if tx % 32 == 0:
                             warp_max[tx // 32] = absmax[0]
@@ -67,32 +74,47 @@ def quantize_rows(in_dtype: str, head_dim: int, smoothed: bool, transposed: bool
                             for i in T.unroll(PER_THREAD):
                                 codes[b, h, (i * THREADS + tx) // BLK, blk * BLK + (i * THREADS + tx) % BLK] = T.if_then_else(
                                     blk * BLK + key_at((i * THREADS + tx) % BLK) < N,
-                                    code(centered(x, mean, b, h, blk * BLK + key_at((i * THREADS + tx) % BLK),
-                                                  (i * THREADS + tx) // BLK), inv[0]),
+                                    code(centered(x, mean, factor, b, h, blk * BLK + key_at((i * THREADS + tx) % BLK),
+                                                  (i * THREADS + tx) // BLK, group), inv[0]),
                                     T.int8(0))
                         else:
                             for i in T.unroll(PER_THREAD):
                                 if blk * BLK + (i * THREADS + tx) // D < N:
                                     codes[b, h, blk * BLK + (i * THREADS + tx) // D, (i * THREADS + tx) % D] = code(
-                                        centered(x, mean, b, h, blk * BLK + (i * THREADS + tx) // D,
-                                                 (i * THREADS + tx) % D), inv[0])
+                                        centered(x, mean, factor, b, h, blk * BLK + (i * THREADS + tx) // D,
+                                                 (i * THREADS + tx) % D, group), inv[0])
 
 
     def codes_shape(B, H, N, NC):
         return (B, H, D, NC) if transposed else (B, H, N, D)
 
-    if smoothed:
+    if mode == "smoothed":
 
         @T.prim_func(s_tir=True)
-        def quantize_rows_smoothed(x_h: T.handle, mean_h: T.handle, codes_h: T.handle, scale_h: T.handle):
+        def quantize_rows_smoothed(x_h: T.handle, mean_h: T.handle, factor_h: T.handle, codes_h: T.handle,
+                                   scale_h: T.handle):
             B, H, N, NB, NC = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
             x = T.match_buffer(x_h, (B, H, N, D), in_dtype)
             mean = T.match_buffer(mean_h, (B, H, D), "float32")
+            factor = T.match_buffer(factor_h, (B, H, D), "float32")
             codes = T.match_buffer(codes_h, codes_shape(B, H, N, NC), "int8")
             scale = T.match_buffer(scale_h, (B, H, NB), "float32")
-            body(x, mean, codes, scale, B, H, N, NB, NC)
+            body(x, mean, factor, codes, scale, B, H, N, NB, NC, 1)
 
         return quantize_rows_smoothed
+
+    if mode == "balanced":
+
+        @T.prim_func(s_tir=True)
+        def quantize_rows_balanced(x_h: T.handle, factor_h: T.handle, codes_h: T.handle, scale_h: T.handle):
+            B, H, HKV, N, NB, NC = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+            x = T.match_buffer(x_h, (B, H, N, D), in_dtype)
+            factor = T.match_buffer(factor_h, (B, HKV, D), "float32")
+            codes = T.match_buffer(codes_h, codes_shape(B, H, N, NC), "int8")
+            scale = T.match_buffer(scale_h, (B, H, NB), "float32")
+            body(x, None, factor, codes, scale, B, H, N, NB, NC, H // HKV)
+
+        return quantize_rows_balanced
 
     @T.prim_func(s_tir=True)
     def quantize_rows_plain(x_h: T.handle, codes_h: T.handle, scale_h: T.handle):
@@ -100,6 +122,6 @@ def quantize_rows(in_dtype: str, head_dim: int, smoothed: bool, transposed: bool
         x = T.match_buffer(x_h, (B, H, N, D), in_dtype)
         codes = T.match_buffer(codes_h, codes_shape(B, H, N, NC), "int8")
         scale = T.match_buffer(scale_h, (B, H, NB), "float32")
-        body(x, None, codes, scale, B, H, N, NB, NC)
+        body(x, None, None, codes, scale, B, H, N, NB, NC, 1)
 
     return quantize_rows_plain

@@ -29,7 +29,7 @@ ATTR = "turbotvm.tuning"
 
 #: ``--kernels`` families: the kernel-name prefixes each one selects.
 FAMILIES = {
-    "quantize": ("quantize_", "channel_mean_"),
+    "quantize": ("quantize_", "channel_smoothing_"),
     "prefill": ("prefill_",),
     "decode": ("decode_split_", "decode_merge_"),
     "compress": ("compress_", "decompress_"),
