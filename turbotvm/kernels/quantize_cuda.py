@@ -29,12 +29,13 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
     D = head_dim
     PER_THREAD = BLK * D // THREADS
 
-    def centered(x, mean, factor, b, h, t, d, group):
+    def centered(x, mean, factor, b, h, t, d, hf):
+        """x' of element (b, h, t, d); hf: the head of ``factor`` (h, or h's KV head for Q)."""
         value = T.Cast("float32", x[b, h, t, d])
         if mean is not None:
             return (value - mean[b, h, d]) / factor[b, h, d]
         if factor is not None:
-            return value * factor[b, h // group, d]
+            return value * factor[b, hf, d]
         return value
 
     def code(value, inv):
@@ -54,12 +55,15 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
                         inv = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         b: T.let[T.int32] = bh // H
                         h: T.let[T.int32] = bh % H
+                        # the factor's head, once per CTA (as a let, TVM inlines a runtime division into every element)
+                        hf = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        hf[0] = h // group
                         absmax[0] = T.float32(0)
                         for i in T.unroll(PER_THREAD):
                             if blk * BLK + (i * THREADS + tx) // D < N:
                                 absmax[0] = T.max(absmax[0], T.abs(centered(
                                     x, mean, factor, b, h, blk * BLK + (i * THREADS + tx) // D, (i * THREADS + tx) % D,
-                                    group)))
+                                    hf[0])))
                         absmax[0] = T.cuda.warp_reduce(absmax[0], "max", 32)
                         if tx % 32 == 0:
                             warp_max[tx // 32] = absmax[0]
@@ -75,14 +79,14 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
                                 codes[b, h, (i * THREADS + tx) // BLK, blk * BLK + (i * THREADS + tx) % BLK] = T.if_then_else(
                                     blk * BLK + key_at((i * THREADS + tx) % BLK) < N,
                                     code(centered(x, mean, factor, b, h, blk * BLK + key_at((i * THREADS + tx) % BLK),
-                                                  (i * THREADS + tx) // BLK, group), inv[0]),
+                                                  (i * THREADS + tx) // BLK, hf[0]), inv[0]),
                                     T.int8(0))
                         else:
                             for i in T.unroll(PER_THREAD):
                                 if blk * BLK + (i * THREADS + tx) // D < N:
                                     codes[b, h, blk * BLK + (i * THREADS + tx) // D, (i * THREADS + tx) % D] = code(
                                         centered(x, mean, factor, b, h, blk * BLK + (i * THREADS + tx) // D,
-                                                 (i * THREADS + tx) % D, group), inv[0])
+                                                 (i * THREADS + tx) % D, hf[0]), inv[0])
 
 
     def codes_shape(B, H, N, NC):
