@@ -24,18 +24,18 @@ def key_at(p):
 
 
 def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
-    if mode not in QUANTIZE_MODES:
-        raise ValueError(f"mode: expected one of {QUANTIZE_MODES}, got {mode!r}")
+    if mode not in QUANTIZE_MODES or (transposed and mode != "plain"):
+        raise ValueError(f"mode: expected one of {QUANTIZE_MODES} ('plain' when transposed), got {mode!r}")
     D = head_dim
     PER_THREAD = BLK * D // THREADS
+    assert THREADS % D == 0  # row-major: element i of thread tx is channel tx % D, whatever i
 
-    def centered(x, mean, factor, b, h, t, d, hf):
-        """x' of element (b, h, t, d); hf: the head of ``factor`` (h, or h's KV head for Q)."""
-        value = T.Cast("float32", x[b, h, t, d])
-        if mean is not None:
-            return (value - mean[b, h, d]) / factor[b, h, d]
-        if factor is not None:
-            return value * factor[b, hf, d]
+    def prepared(value, offset, factor):
+        """x' of one element: (x - offset) / factor (K), x * factor (Q) or x (V); offset, factor: the thread's."""
+        if mode == "smoothed":
+            return (value - offset[0]) / factor[0]
+        if mode == "balanced":
+            return value * factor[0]
         return value
 
     def code(value, inv):
@@ -53,17 +53,23 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
                         warp_max = T.sblock_alloc_buffer((THREADS // 32,), "float32", scope="shared")
                         absmax = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         inv = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        # the thread's channel offset and factor, loaded once (index math per element is
+                        # slow: a runtime division each for the KV head of Q)
+                        offset = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        channel_factor = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         b: T.let[T.int32] = bh // H
                         h: T.let[T.int32] = bh % H
-                        # the factor's head, once per CTA (as a let, TVM inlines a runtime division into every element)
-                        hf = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        hf[0] = h // group
+                        if mode == "smoothed":
+                            offset[0] = mean[b, h, tx % D]
+                            channel_factor[0] = factor[b, h, tx % D]
+                        if mode == "balanced":
+                            channel_factor[0] = factor[b, h // group, tx % D]
                         absmax[0] = T.float32(0)
                         for i in T.unroll(PER_THREAD):
                             if blk * BLK + (i * THREADS + tx) // D < N:
-                                absmax[0] = T.max(absmax[0], T.abs(centered(
-                                    x, mean, factor, b, h, blk * BLK + (i * THREADS + tx) // D, (i * THREADS + tx) % D,
-                                    hf[0])))
+                                absmax[0] = T.max(absmax[0], T.abs(prepared(
+                                    T.Cast("float32", x[b, h, blk * BLK + (i * THREADS + tx) // D, tx % D]),
+                                    offset, channel_factor)))
                         absmax[0] = T.cuda.warp_reduce(absmax[0], "max", 32)
                         if tx % 32 == 0:
                             warp_max[tx // 32] = absmax[0]
@@ -78,16 +84,15 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
                             for i in T.unroll(PER_THREAD):
                                 codes[b, h, (i * THREADS + tx) // BLK, blk * BLK + (i * THREADS + tx) % BLK] = T.if_then_else(
                                     blk * BLK + key_at((i * THREADS + tx) % BLK) < N,
-                                    code(centered(x, mean, factor, b, h, blk * BLK + key_at((i * THREADS + tx) % BLK),
-                                                  (i * THREADS + tx) // BLK, hf[0]), inv[0]),
+                                    code(T.Cast("float32", x[b, h, blk * BLK + key_at((i * THREADS + tx) % BLK),
+                                                             (i * THREADS + tx) // BLK]), inv[0]),
                                     T.int8(0))
                         else:
                             for i in T.unroll(PER_THREAD):
                                 if blk * BLK + (i * THREADS + tx) // D < N:
-                                    codes[b, h, blk * BLK + (i * THREADS + tx) // D, (i * THREADS + tx) % D] = code(
-                                        centered(x, mean, factor, b, h, blk * BLK + (i * THREADS + tx) // D,
-                                                 (i * THREADS + tx) % D, hf[0]), inv[0])
-
+                                    codes[b, h, blk * BLK + (i * THREADS + tx) // D, tx % D] = code(prepared(
+                                        T.Cast("float32", x[b, h, blk * BLK + (i * THREADS + tx) // D, tx % D]),
+                                        offset, channel_factor), inv[0])
 
     def codes_shape(B, H, N, NC):
         return (B, H, D, NC) if transposed else (B, H, N, D)
