@@ -173,12 +173,17 @@ def test_decode_mixed_precision_realistic(turbo_cpu, rng):
 
 
 def test_decode_mixed_precision_random(turbo_cpu, rng):
-    q, k, v = random_qkv(rng, 1, 8, 8, 1, 1024, 64)
-    # i.i.d. heads, no head cheaper than another: .9738 / .9559 (240 seeds; .9746 / .9562 over 30 with K's
-    # balance factor, which is flat here). 0.97 per draw is out of reach of 2-bit codes at this share (docs
-    # §2.2: even Shannon's bound for 2 bits per value gives a minimum of .973); the bound is the minimum less
-    # a margin
-    check_decode(turbo_cpu, q, k, v, select_head_bits(k, v, 0.25), 2, 0.94)
+    """i.i.d. heads, no head cheaper than another: the issue's 0.97 holds for the mean over fresh draws (.974 over
+    240 seeds, per-draw std about .005), not for every draw (min .956): that is out of reach of 2-bit codes at a
+    quarter of the heads (docs §2.2: even Shannon's bound for 2 bits per value gives a minimum of .973). The mean
+    of 32 draws has a std under .001, so 0.97 is 4 of them below it; each draw keeps a floor of 0.94."""
+    exact = []
+    for _ in range(32):
+        q, k, v = random_qkv(rng, 1, 8, 8, 1, 1024, 64)
+        cache = check_decode(turbo_cpu, q, k, v, select_head_bits(k, v, 0.25), 2, 0.94)
+        exact.append(cosine(turbo_cpu.decode(q, cache, num_splits=2), ref.exact_attention(q, k, v)))
+    print(f"vs exact over {len(exact)} draws: mean {np.mean(exact):.4f}, min {np.min(exact):.4f}")
+    assert np.mean(exact) >= 0.97
 
 
 def test_decode_buffer_only_and_no_buffer(turbo_cpu, rng):
