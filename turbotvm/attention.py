@@ -284,8 +284,9 @@ class TurboAttention:
         if h % cache.num_kv_heads or b != cache.k_mean.shape[0]:
             raise ValueError(f"q: expected batch {cache.k_mean.shape[0]} and heads a multiple of "
                              f"{cache.num_kv_heads} (the cache's), got shape {tuple(q.shape)}")
-        if cache.k_mean.device != q.device or cache.k_factor.device != q.device:
-            raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {cache.k_mean.device}")
+        for name, held in (("k_mean", cache.k_mean), ("k_factor", cache.k_factor)):
+            if held.device != q.device:
+                raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {name} on {held.device}")
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
         sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read

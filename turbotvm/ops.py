@@ -108,7 +108,8 @@ def cache_as_op_args(cache) -> tuple:
     if cache.k_mean is None:
         raise ValueError("cache: expected at least one appended token, got an empty TurboKVCache")
     packed = [t for group in cache.groups for t in (group.heads, *group.tensors())]
-    return (cache.k_mean, cache.k_factor, packed, [int(g.bits) for g in cache.groups], [int(b) for b in cache.head_bits],
+    return (cache.k_mean, cache.k_factor, packed, [int(g.bits) for g in cache.groups],
+            [int(b) for b in cache.head_bits],
             cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale,
             cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
             cache.length, cache.compressed_len)
