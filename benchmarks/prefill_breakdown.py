@@ -1,4 +1,4 @@
-"""Where the time of one CUDA prefill goes: K mean, the three quantize kernels, the tensor-core kernel.
+"""Where the time of one CUDA prefill goes: K's smoothing, the three quantize kernels, the tensor-core kernel.
 
     python benchmarks/prefill_breakdown.py [B H N D] [--causal]
 
