@@ -130,9 +130,17 @@ class _silent:
 
 
 def _quiet_meta_schedule_loggers() -> None:
-    """meta-schedule logs every iteration at INFO to the console; keep that in its log files."""
+    """meta-schedule logs every iteration at INFO to the console; keep that in its log files.
+
+    Unnamed handlers on its logger are dropped first: ``tune_tir``'s logger set-up formats the name of
+    every handler already there and fails on None (pytest 9.2 attaches one to non-propagating loggers),
+    and its ``dictConfig`` would remove them anyway.
+    """
     for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        for handler in [h for h in logger.handlers if h.get_name() is None]:
+            logger.removeHandler(handler)
 
 
 _TENSOR_INTRIN = "tvm.s_tir.tensor_intrin"
