@@ -108,14 +108,22 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
             return T.ceildiv(N, BQ) - 1 - bx  # the longest rows first: better tail balance
         return bx
 
-    def sas_code(score, m, p_inv, table):
-        """rint(SAS(score - m) * p_inv) as int32: floor by a round-down add, table, cubic, rint by add."""
-        t = T.min(m - score, T.float32(SAS_MAX_INT + 1))
+    def sas_code_bits(t, coef, r, table):
+        """An int32 whose low byte is rint(SAS(-t) * p_inv), for t in [0, SAS_MAX_INT + 1].
+
+        floor by a round-down add, table, cubic (coefficients pre-scaled by p_inv), rint by the
+        add of MAGIC. The code needs no clamp at 127: SAS never increases with t, so no key of a
+        tile exceeds the tile's largest, which maps to 127 (tests/test_reference.py checks this).
+        """
         floor_t = T.call_pure_extern("float32", "__fadd_rd", t, T.float32(MAGIC))
         y = (floor_t - T.float32(MAGIC)) - t
-        c3, c2, c1, c0 = (T.float32(c) for c in SAS_POLY)
-        e = table[_round_to_int(floor_t)] * (((c3 * y + c2) * y + c1) * y + c0)
-        return T.min(_round_to_int(e * p_inv + T.float32(MAGIC)), INT8_MAX)
+        poly = ((coef[r * 4] * y + coef[r * 4 + 1]) * y + coef[r * 4 + 2]) * y + coef[r * 4 + 3]
+        return T.reinterpret("int32", table[_round_to_int(floor_t)] * poly + T.float32(MAGIC))
+
+    def pack_codes(a, b, c, d):
+        """Low bytes of four code words -> one word (three byte permutes)."""
+        return T.call_pure_extern("int32", "__byte_perm", T.call_pure_extern("int32", "__byte_perm", a, b, 0x0040),
+                                  T.call_pure_extern("int32", "__byte_perm", c, d, 0x0040), 0x5410)
 
     @T.macro
     def load_tile(k_w, vt_w, k_stage, v_stage, b, kvh, kt, tx, M):
@@ -165,22 +173,28 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
                             v_vec = T.sblock_alloc_buffer((4,), "int32", scope="local")
                             k_frag = T.sblock_alloc_buffer((KSTEPS * 2,), "int32", scope="local")
                             v_frag = T.sblock_alloc_buffer((4,), "int32", scope="local")
+                            # INT32 accumulators start at MAGIC_BITS: read as float32 they are MAGIC + the sum
                             s_acc = T.sblock_alloc_buffer((BK // 8 * 4,), "int32", scope="local")
-                            score = T.sblock_alloc_buffer((BK // 8 * 4,), "float32", scope="local")
+                            t_key = T.sblock_alloc_buffer((BK // 8 * 4,), "float32", scope="local")
                             p_code = T.sblock_alloc_buffer((BK // 8 * 4,), "int32", scope="local")
                             p_frag = T.sblock_alloc_buffer((BK // 32 * 4,), "int32", scope="local")
                             pv_acc = T.sblock_alloc_buffer((4,), "int32", scope="local")
+                            ones = T.sblock_alloc_buffer((2,), "int32", scope="local")
+                            row_sum = T.sblock_alloc_buffer((4,), "int32", scope="local")
                             o_acc = T.sblock_alloc_buffer((DTILES * 4,), "float32", scope="local")
                             tile_scale = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             # per owned row (g, g + 8): running max, partial sum, tile max, rescale, P scale
                             m = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             l = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             tile_max = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            tile_max_acc = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            t_offset = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                            coef = T.sblock_alloc_buffer((8,), "float32", scope="local")
+                            pv_bias = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             corr = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             p_scale = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             p_inv = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             pv_scale = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                            p_sum = T.sblock_alloc_buffer((2,), "int32", scope="local")
 
                             # truncating division: all non-negative, and it spares floordiv's sign fix-ups
                             b: T.let[T.int32] = bz
@@ -215,6 +229,8 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
                                 l[r] = T.float32(0)
                             for i in T.unroll(DTILES * 4):
                                 o_acc[i] = T.float32(0)
+                            for w in T.unroll(2):
+                                ones[w] = 0x01010101  # B operand of P·1: the row sums of P on the tensor cores
 
                             if num_kv_tiles(qt, N, M) > 0:
                                 load_tile(k_w, vt_w, k_stage, v_stage, b, kvh, 0, tx, M)
@@ -234,7 +250,7 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
 
                                 # ---- S = Q·Kᵀ (INT32), 8 n-tiles of 8 keys
                                 for i in T.unroll(BK // 8 * 4):
-                                    s_acc[i] = 0
+                                    s_acc[i] = MAGIC_BITS
                                 for nt in T.unroll(BK // 8):
                                     for c in T.unroll(KSTEPS // 2):
                                         for w in T.vectorized(4):
@@ -244,20 +260,23 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
                                     for ks in T.unroll(KSTEPS):
                                         T.evaluate(_mma(q_frag, ks * 4, k_frag, ks * 2, s_acc, nt * 4))
 
-                                # ---- scores (exact int -> float), masked only on tiles that cross an edge
-                                tile_scale[0] = qk_scale * k_scale[b, kvh, kt]
-                                for i in T.unroll(BK // 8 * 4):
-                                    score[i] = _int_to_float(s_acc[i]) * tile_scale[0]
+                                # ---- row maxima on the raw sums (as floats MAGIC + S: ordered like S); a masked
+                                # key becomes 0.0, below every sum, on the tiles that cross an edge
                                 if tile_needs_mask(qt, kt, N, M):
                                     for i in T.unroll(BK // 8 * 4):
                                         if masked(row0 + i % 4 // 2 * 8, kt * BK + i // 4 * 8 + t4 * 2 + i % 2, N, M):
-                                            score[i] = T.float32(NEG_BIG)
+                                            s_acc[i] = 0
                                 for r in T.unroll(2):
-                                    tile_max[r] = T.float32(NEG_BIG)
+                                    tile_max_acc[r] = T.float32(0)
                                 for i in T.unroll(BK // 8 * 4):
-                                    tile_max[i % 4 // 2] = T.max(tile_max[i % 4 // 2], score[i])
+                                    tile_max_acc[i % 4 // 2] = T.max(tile_max_acc[i % 4 // 2], T.reinterpret("float32", s_acc[i]))
+                                tile_scale[0] = qk_scale * k_scale[b, kvh, kt]
                                 for r in T.unroll(2):
-                                    tile_max[r] = T.cuda.warp_reduce(tile_max[r], "max", 4)
+                                    tile_max_acc[r] = T.cuda.warp_reduce(tile_max_acc[r], "max", 4)
+                                    # NEG_BIG for a row with no visible key in this tile
+                                    tile_max[r] = T.if_then_else(tile_max_acc[r] > T.float32(0),
+                                                                 (tile_max_acc[r] - T.float32(MAGIC)) * tile_scale[0],
+                                                                 T.float32(NEG_BIG))
                                     corr[r] = sas_exp_from_table(m[r] - T.max(m[r], tile_max[r]), sas_table)
                                     p_scale[r] = sas_exp_from_table(tile_max[r] - T.max(m[r], tile_max[r]),
                                                                     sas_table) / T.float32(INT8_MAX)
@@ -266,28 +285,45 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
                                     p_inv[r] = T.if_then_else(T.And(tile_max[r] > T.float32(NEG_BIG), p_scale[r] > T.float32(0)),
                                                               T.float32(1) / p_scale[r], T.float32(0))
                                     pv_scale[r] = p_scale[r] * v_scale[b, kvh, kt]
+                                    pv_bias[r] = T.float32(-MAGIC) * pv_scale[r]
                                     m[r] = T.max(m[r], tile_max[r])
-                                    p_sum[r] = 0
+                                    # a key's t = m - score = (row max sum - sum) * scale + (m - tile max): the
+                                    # first term is an exact float difference, so t >= 0 holds exactly
+                                    t_offset[r] = m[r] - tile_max[r]
+                                    coef[r * 4 + 0] = T.float32(SAS_POLY[0]) * p_inv[r]
+                                    coef[r * 4 + 1] = T.float32(SAS_POLY[1]) * p_inv[r]
+                                    coef[r * 4 + 2] = T.float32(SAS_POLY[2]) * p_inv[r]
+                                    coef[r * 4 + 3] = T.float32(SAS_POLY[3]) * p_inv[r]
 
-                                # ---- P codes (0..127; masked keys fall past the table's last entry -> 0)
+                                # ---- P codes (0..127; masked keys get t past the threshold -> 0)
                                 for i in T.unroll(BK // 8 * 4):
-                                    p_code[i] = sas_code(score[i], m[i % 4 // 2], p_inv[i % 4 // 2], sas_table)
-                                    p_sum[i % 4 // 2] = p_sum[i % 4 // 2] + p_code[i]
+                                    t_key[i] = T.min((tile_max_acc[i % 4 // 2] - T.reinterpret("float32", s_acc[i])) * tile_scale[0]
+                                                     + t_offset[i % 4 // 2], T.float32(SAS_MAX_INT + 1))
+                                if tile_needs_mask(qt, kt, N, M):
+                                    for i in T.unroll(BK // 8 * 4):
+                                        if masked(row0 + i % 4 // 2 * 8, kt * BK + i // 4 * 8 + t4 * 2 + i % 2, N, M):
+                                            t_key[i] = T.float32(SAS_MAX_INT + 1)
+                                for i in T.unroll(BK // 8 * 4):
+                                    p_code[i] = sas_code_bits(t_key[i], coef, i % 4 // 2, sas_table)
                                 for ks in T.unroll(BK // 32):
                                     for a in T.unroll(4):
                                         # a: 0 = row g, keys 0-15 of the step; 1 = row g+8; 2, 3: keys 16-31
-                                        p_frag[ks * 4 + a] = (
-                                            p_code[(ks * 4 + a // 2 * 2) * 4 + a % 2 * 2]
-                                            | T.shift_left(p_code[(ks * 4 + a // 2 * 2) * 4 + a % 2 * 2 + 1], 8)
-                                            | T.shift_left(p_code[(ks * 4 + a // 2 * 2 + 1) * 4 + a % 2 * 2], 16)
-                                            | T.shift_left(p_code[(ks * 4 + a // 2 * 2 + 1) * 4 + a % 2 * 2 + 1], 24))
+                                        p_frag[ks * 4 + a] = pack_codes(
+                                            p_code[(ks * 4 + a // 2 * 2) * 4 + a % 2 * 2],
+                                            p_code[(ks * 4 + a // 2 * 2) * 4 + a % 2 * 2 + 1],
+                                            p_code[(ks * 4 + a // 2 * 2 + 1) * 4 + a % 2 * 2],
+                                            p_code[(ks * 4 + a // 2 * 2 + 1) * 4 + a % 2 * 2 + 1])
+                                for i in T.unroll(4):
+                                    row_sum[i] = 0
+                                for ks in T.unroll(BK // 32):
+                                    T.evaluate(_mma(p_frag, ks * 4, ones, 0, row_sum, 0))
                                 for r in T.unroll(2):
-                                    l[r] = l[r] * corr[r] + p_scale[r] * T.Cast("float32", p_sum[r])
+                                    l[r] = l[r] * corr[r] + p_scale[r] * T.Cast("float32", row_sum[r * 2])
 
                                 # ---- O = O * corr + p_scale * v_scale * (P·V), one 8-wide d tile at a time
                                 for nt in T.unroll(DTILES):
                                     for i in T.unroll(4):
-                                        pv_acc[i] = 0
+                                        pv_acc[i] = MAGIC_BITS
                                     for w in T.vectorized(4):
                                         v_vec[w] = vt_tile[(nt * 8 + g) * V_STRIDE + t4 * 4 + w]
                                     for w in T.unroll(4):
@@ -295,12 +331,11 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
                                     for ks in T.unroll(BK // 32):
                                         T.evaluate(_mma(p_frag, ks * 4, v_frag, ks * 2, pv_acc, 0))
                                     for i in T.unroll(4):
-                                        o_acc[nt * 4 + i] = o_acc[nt * 4 + i] * corr[i // 2] + pv_scale[i // 2] * \
-                                            _int_to_float(pv_acc[i])
+                                        # (MAGIC + PV) * s - MAGIC * s: one FFMA, off by at most 0.75 s (a unit of PV)
+                                        o_acc[nt * 4 + i] = o_acc[nt * 4 + i] * corr[i // 2] + (
+                                            T.reinterpret("float32", pv_acc[i]) * pv_scale[i // 2] + pv_bias[i // 2])
 
-                            # ---- normalise by the row sum (partial per lane: reduce over the row's 4 lanes)
-                            for r in T.unroll(2):
-                                l[r] = T.cuda.warp_reduce(l[r], "sum", 4)
+                            # ---- normalise by the row sum (every lane of the row holds all of it: P·1)
                             for nt in T.unroll(DTILES):
                                 for i in T.unroll(4):
                                     if row0 + i // 2 * 8 < N:
