@@ -9,8 +9,8 @@ TARGET='{"kind":"cuda","arch":"sm_90"}'
 tune() { python3 -m turbotvm.cli tune --target "$TARGET" --dtypes float16 --head-dims 64,128 --out "$OUT" "$@"; }
 
 if [[ $WHAT == all || $WHAT == prefill ]]; then
-  # B=1, H=32, N=16K: the prefill target's shapes (warps per CTA: 4, 2, 8)
-  tune --kernels prefill --seq-len 16384 --heads 32 --kv-heads 32 --trials 3 \
+  # B=1, H=32, N=16K: the prefill target's shapes (warps per CTA: 4, 2, 8 x CTAs per SM asked of ptxas: hand, 1, 3)
+  tune --kernels prefill --seq-len 16384 --heads 32 --kv-heads 32 --trials 9 \
     --only prefill_tc_full_d64_float16,prefill_tc_causal_d64_float16,prefill_tc_full_d128_float16,prefill_tc_causal_d128_float16
 fi
 if [[ $WHAT == all || $WHAT == decode ]]; then

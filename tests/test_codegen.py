@@ -29,10 +29,11 @@ def test_cuda_source_has_every_kernel(cuda_source):
 
 def test_cuda_prefill_runs_on_int8_tensor_cores(cuda_source):
     _, source = cuda_source
-    for name, mmas in (("prefill_tc_causal_d128_float16", 64), ("prefill_tc_full_d64_float16", 32)):
+    for name, mmas in (("prefill_tc_causal_d128_float16", 66), ("prefill_tc_full_d64_float16", 34)):
         start = source.index(f"{name}_kernel(", source.index(f"{name}_kernel(") + 1)  # after the declaration
         body = source[start: source.index("\n}\n", start)]
-        # Q·Kᵀ and P·V, fully unrolled: (64/8 key tiles * D/32 + D/8 * 64/32) m16n8k32 per KV tile
+        # Q·Kᵀ, P·V and P's row sums (P·1), fully unrolled: 64/8 key tiles * D/32 + D/8 * 64/32 + 64/32
+        # m16n8k32 per KV tile
         assert body.count("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32") == mmas, name
         assert "__shared__" in body and "warp_reduce_max_4" in body, name  # row max over 4 lanes
 
@@ -160,13 +161,16 @@ def test_every_cuda_knob_setting_compiles_for_sm90():
         assert len(family.knobs) >= 1, family_name
         for i, setting in enumerate(settings_of(family)):
             funcs[f"{family_name}_{i}"] = family.make(kernel, setting).with_attr("global_symbol", f"{family_name}_{i}")
-    assert len(funcs) == 5
+    assert len(funcs) == 3 * 3 + 2
     source = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"})) \
         .mod.imports[0].inspect_source()
     for name in funcs:
         assert f"{name}_kernel" in source
-    # 8 warps: launch bounds of 256 threads, the same 64 mma per KV tile in each warp's code
-    assert "__launch_bounds__(256) prefill_tc_2_kernel" in source.replace("void ", "")
+    # settings in order (warps, min_blocks): (4, hand = 1 at D=128), (4, 1), (4, 3), (2, ...), (8, ...)
+    launch_bounds = source.replace("void ", "")
+    assert "__launch_bounds__(128, 1) prefill_tc_0_kernel" in launch_bounds
+    assert "__launch_bounds__(128, 3) prefill_tc_2_kernel" in launch_bounds
+    assert "__launch_bounds__(256, 1) prefill_tc_6_kernel" in launch_bounds
 
 
 def test_module_for_another_cpu_is_refused(exported):

@@ -91,3 +91,11 @@ def test_exact_attention_matches_softmax_formula(rng):
     p = np.exp(s - s.max(-1, keepdims=True))
     expected = (p / p.sum(-1, keepdims=True)) @ np.repeat(v, 2, 1)
     np.testing.assert_allclose(ref.exact_attention(q, k, v), expected, rtol=1e-10)
+
+
+def test_sas_never_increases_so_p_codes_stay_within_int8():
+    """The CUDA prefill packs rint(SAS(-t) / SAS(-t_max) * 127) without a clamp: that needs SAS to be
+    non-increasing in t (no key of a tile above the tile's largest), across the table's steps too."""
+    t = np.linspace(0, SAS_MAX_INT + 1, 2_000_001)
+    p = ref.sas_exp(-t)
+    assert np.all(np.diff(p) <= 0)

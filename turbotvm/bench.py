@@ -3,7 +3,8 @@
 Prefill: effective TOPS = 4·B·H·N·M·D / t (halved when causal), turbotvm timed end to end from fp16
 tensors (quantization included). Decode: one query token over a cache of L tokens; turbotvm reads
 its compressed cache, SDPA reads fp16 K/V; achieved bandwidth = bytes read / t, compared with the
-measured device-to-device copy bandwidth. CUDA events, warm-up, median of many runs.
+measured device-to-device copy bandwidth; decode is also timed replayed from a CUDA graph (turbotvm and
+SDPA alike), the device time without per-call host work. CUDA events, warm-up, median of many runs.
 
     turbotvm bench [--quick] [--out benchmarks/results]     (or python benchmarks/bench_attention.py)
 
@@ -67,6 +68,24 @@ def median_ms(fn, warmup: int = 5, iters: int = 30) -> float:
     return statistics.median(times)
 
 
+def graphed_ms(fn, warmup: int = 3, iters: int = 30) -> tuple[float, torch.Tensor]:
+    """``fn`` captured once in a CUDA graph, then ``median_ms`` of its replays, and the graph's output.
+
+    Device time without per-call host work (Python, checks, launches): how serving engines run a
+    decode step. Warm-up runs on a side stream first, as torch.cuda.graphs asks.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return median_ms(graph.replay, warmup, iters), out
+
+
 def copy_bandwidth_gbs() -> float:
     """Device-to-device copy of 2 GiB: read + write bytes per second (the bandwidth one can reach)."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -80,7 +99,8 @@ def cosine(a, b) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def run_baselines(q, k, v, causal):
+def run_baselines(q, k, v, causal, graphed_times=None):
+    """Times (and outputs) of each SDPA backend; with ``graphed_times`` (a dict) also replayed from a CUDA graph."""
     times, outputs = {}, {}
     for name, backend in BASELINES.items():
         try:
@@ -88,8 +108,12 @@ def run_baselines(q, k, v, causal):
                 fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
                 outputs[name] = fn()
                 times[name] = median_ms(fn)
+                if graphed_times is not None:
+                    graphed_times[name] = graphed_ms(fn)[0]
         except RuntimeError as err:  # backend not available for this shape/dtype
             times[name] = None
+            if graphed_times is not None:
+                graphed_times[name] = None
             print(f"  {name}: unavailable ({str(err).splitlines()[0][:80]})")
     return times, outputs
 
@@ -121,26 +145,38 @@ def bench_decode(turbo, shapes, copy_gbs, head_bits_of):
     for b, h, length, d in shapes:
         k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.float16) for _ in range(2))
         q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.float16)
-        times, outputs = run_baselines(q, k, v, False)
+        graphed = {}
+        times, outputs = run_baselines(q, k, v, False, graphed)
         fp16_bytes = 2 * k.numel() * k.element_size()
-        row = {"B": b, "H": h, "L": length, "D": d, "ms": times, "fp16_bytes": fp16_bytes, "turbotvm": {}}
+        row = {"B": b, "H": h, "L": length, "D": d, "ms": times, "ms_cuda_graph": graphed, "fp16_bytes": fp16_bytes,
+               "turbotvm": {}}
         for label, bits in head_bits_of(h).items():
             cache = turbo.compress_kv(k, v, bits)
             ours = turbo.decode(q, cache)
             ms = median_ms(lambda: turbo.decode(q, cache))
+            ms_graph, graph_out = graphed_ms(lambda: turbo.decode(q, cache))
             read = cache.nbytes()
             best = min(t for t in times.values() if t)
+            best_graph = min(t for t in graphed.values() if t)
             row["turbotvm"][label] = {"ms": ms, "bytes": read, "bytes_vs_fp16": read / fp16_bytes,
                                       "bandwidth_gbs": read / (ms * 1e-3) / 1e9,
                                       "bandwidth_vs_copy": read / (ms * 1e-3) / 1e9 / copy_gbs,
                                       "speedup_vs_best_sdpa": best / ms,
+                                      "ms_cuda_graph": ms_graph,
+                                      "bandwidth_vs_copy_cuda_graph": read / (ms_graph * 1e-3) / 1e9 / copy_gbs,
+                                      "speedup_vs_best_sdpa_cuda_graph": best_graph / ms_graph,
+                                      "graph_equals_eager": bool(torch.equal(graph_out, ours)),
                                       "cos_vs_sdpa": cosine(ours, next(iter(outputs.values())))}
             del cache
         row["sdpa_bandwidth_gbs"] = {n: fp16_bytes / (t * 1e-3) / 1e9 for n, t in times.items() if t}
         rows.append(row)
         print(f"decode B={b} H={h} L={length}: SDPA " + ", ".join(f"{n}={t:.3f}" for n, t in times.items() if t)
               + " ms; turbotvm " + ", ".join(f"{lb}={r['ms']:.3f} ms (x{r['speedup_vs_best_sdpa']:.2f}, "
-                                             f"{r['bandwidth_vs_copy']:.0%} of copy bw)" for lb, r in row["turbotvm"].items()))
+                                             f"{r['bandwidth_vs_copy']:.0%} of copy bw)" for lb, r in row["turbotvm"].items())
+              + "; CUDA graph: SDPA " + ", ".join(f"{n}={t:.3f}" for n, t in graphed.items() if t)
+              + " ms; turbotvm " + ", ".join(f"{lb}={r['ms_cuda_graph']:.3f} ms (x{r['speedup_vs_best_sdpa_cuda_graph']:.2f}, "
+                                             f"{r['bandwidth_vs_copy_cuda_graph']:.0%} of copy bw)"
+                                             for lb, r in row["turbotvm"].items()))
         del k, v, q, outputs
         torch.cuda.empty_cache()
     return rows
@@ -169,6 +205,10 @@ def plot(result, path):
         ax_d.plot(x, [r["ms"].get(name) or float("nan") for r in result["decode"]], marker="o", label=name)
     for label in (result["decode"][0]["turbotvm"] if result["decode"] else {}):
         ax_d.plot(x, [r["turbotvm"][label]["ms"] for r in result["decode"]], marker="s", label=f"turbotvm {label}")
+        ax_d.plot(x, [r["turbotvm"][label].get("ms_cuda_graph", float("nan")) for r in result["decode"]], "--",
+                  marker="s", label=f"turbotvm {label}, CUDA graph")
+    ax_d.plot(x, [min((t for t in r.get("ms_cuda_graph", {}).values() if t), default=float("nan"))
+                  for r in result["decode"]], "--", marker="o", color="black", label="best SDPA, CUDA graph")
     ax_d.set(xticks=list(x), yscale="log", ylabel="ms (median)", title="Decode (one token, H=32, D=128)")
     ax_d.set_xticklabels(labels)
     ax_d.legend(fontsize=7)

@@ -7,7 +7,10 @@ registers, FlashAttention-2 style:
 
 * Q·Kᵀ: ``mma.sync.m16n8k32.s32.s8.s8.s32``, Q fragments loaded once, K tiles staged in shared
   memory (rows padded by 16 bytes so fragment loads hit 32 distinct banks);
-* SAS online softmax on the INT32 accumulators; row max/sum over the 4 lanes that share a row;
+* SAS online softmax on the INT32 accumulators, which start at MAGIC_BITS so that their bits read as
+  the float MAGIC + S (no conversion); row max over the 4 lanes that share a row; a key's SAS
+  argument from an exact float difference; the cubic scaled by P's 1/scale so that one FFMA
+  rounds the code; P's row sums as one more mma (P·1), so every lane holds its rows' whole sums;
 * P codes packed straight from the accumulator layout into A fragments. The accumulator gives a
   thread keys {2t, 2t+1, 8+2t, 9+2t} (+16) of each 32-key step, not the A operand's {4t..4t+3};
   since P·V sums over keys, V is stored with its keys in that same order (``v8t``, made by
@@ -23,6 +26,13 @@ from .sas import NEG_BIG, SAS_TABLE, sas_exp_from_table, sas_table_entry
 BK = QUANT_BLOCK  # keys per tile (= FlashQ block: one K and one V scale per tile)
 WARPS = 4  # default warps per CTA (16 query rows each): BQ = 64 rows = one FlashQ block
 WARP_CHOICES = (4, 2, 8)  # the tuning knob's values: 32, 64 or 128 query rows per CTA
+MIN_BLOCKS_CHOICES = (0, 1, 3)  # the tuning knob's values; 0: the hand choice for the head dim
+
+
+def hand_min_blocks(head_dim: int) -> int:
+    """CTAs per SM asked of ptxas by default. At D=64, 3 (168 registers, from 143-168) was 1-5 % faster on
+    the H200; at D=128 the 64 fp32 output accumulators need ~240 registers, and 3 spilled and was slower."""
+    return 3 if head_dim <= 64 else 1
 ROW_PAD_WORDS = 4  # 16 bytes of padding per shared row: conflict-free fragment loads
 
 
@@ -68,11 +78,16 @@ def _mma(a_buf, a_off, b_buf, b_off, c_buf, c_off):
                             a_buf.data, a_off, b_buf.data, b_off, c_buf.data, c_off, False, dtype="int32")
 
 
-def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
+def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS, min_blocks: int = 0):
     """warps (a tuning knob): 16 query rows each. More warps share each staged K/V tile among more
-    rows (less traffic per row); fewer give smaller CTAs for the tail and for short sequences."""
+    rows (less traffic per row); fewer give smaller CTAs for the tail and for short sequences.
+    min_blocks (a tuning knob): CTAs per SM that ptxas must fit (``__launch_bounds__``), trading
+    registers for warps that hide each other's latency; 0 = ``hand_min_blocks(head_dim)``."""
     if warps not in WARP_CHOICES:
         raise ValueError(f"warps: expected one of {WARP_CHOICES}, got {warps}")
+    if min_blocks < 0:
+        raise ValueError(f"min_blocks: expected 0 (hand choice) or a positive count, got {min_blocks}")
+    min_blocks = min_blocks or hand_min_blocks(head_dim)
     BQ = 16 * warps  # query rows per CTA
     THREADS = 32 * warps
     D = head_dim
@@ -156,6 +171,7 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS):
             for by in T.thread_binding(H, thread="blockIdx.y"):
                 for bz in T.thread_binding(B, thread="blockIdx.z"):
                     for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks)
                         with T.sblock("attention_tile"):
                             T.reads(q_w[bz, by, 0:N, 0:DW], q_scale[bz, by, 0:NQB],
                                     k_w[bz, 0:HKV, 0:M, 0:DW], k_scale[bz, 0:HKV, 0:NKB],
