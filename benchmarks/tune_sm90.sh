@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${1:-tuning_logs/sm_90}
 WHAT=${2:-all}
 TARGET='{"kind":"cuda","arch":"sm_90"}'
-tune() { python3 -m turbotvm.cli tune --target "$TARGET" --dtypes float16 --head-dims 64,128 --out "$OUT" "$@"; }
+tune() { python3 -m turbotvm.cli tune --target "$TARGET" --dtypes float16 --head-dims 64,128 --out "$OUT" --prune-stale "$@"; }
 
 if [[ $WHAT == all || $WHAT == prefill ]]; then
   # B=1, H=32, N=16K: the prefill target's shapes (warps per CTA: 4, 2, 8 x CTAs per SM asked of ptxas: hand, 1, 3)

@@ -325,3 +325,34 @@ def test_shipped_sm90_log_is_fresh_for_these_kernels():
         tuned = tuned_kernels(shipped, funcs, target)
     assert sorted(tuned) == sorted(n for n in funcs if n.startswith(("prefill_tc_", "decode_split_b4", "decode_split_b2")))
     assert all(f.attrs[HAND_MAPPED] for f in tuned.values())
+
+
+def test_prune_stale_drops_only_older_kernel_code(tmp_path):
+    """After a kernel change, re-tuning leaves the old code's workloads behind: pruning drops exactly those
+    (records re-indexed, xz kept), and lookup still finds every other kernel's best record."""
+    from pathlib import Path
+
+    from turbotvm.kernels.prefill_tc import prefill_tc
+    from turbotvm.tuning.lookup import prune_stale
+
+    shipped = Path(__file__).resolve().parent.parent / "tuning_logs" / "sm_90"
+    log = tmp_path / "sm_90"
+    shutil.copytree(shipped, log)
+    target = make_target({"kind": "cuda", "arch": "sm_90"})
+    funcs = make_kernel_set(KernelSetConfig((64, 128), ("float16",)), "cuda").funcs
+    before = read_log(log)
+    assert prune_stale(log, funcs, target) == 0  # the shipped log holds current code only
+    changed = "prefill_tc_full_d128_float16"  # "new code": another warps default
+    funcs[changed] = prefill_tc(128, False, "float16", warps=2).with_attr("global_symbol", changed) \
+        .with_attr(HAND_MAPPED, True)
+    logged_changed = [w for w in before if w.meta["kernel"] == changed]
+    assert logged_changed
+    assert prune_stale(log, funcs, target) == len(logged_changed)
+    after = read_log(log)  # every line re-checked, record indices in range
+    assert (log / "database_workload.json.xz").is_file() and not (log / "database_workload.json").exists()
+    assert [w.json_obj for w in after] == [w.json_obj for w in before if w.meta["kernel"] != changed]
+    assert [[r[2] for r in w.records] for w in after] == \
+        [[r[2] for r in w.records] for w in before if w.meta["kernel"] != changed]
+    with pytest.warns(TuningNotice, match="has no record for 20 of 27 kernels;"):  # the changed one: none left
+        tuned = tuned_kernels(log, funcs, target)
+    assert changed not in tuned and "prefill_tc_causal_d128_float16" in tuned

@@ -29,6 +29,8 @@ def add_arguments(p) -> None:
                    help="shape bucket: decode KV splits per head (the runtime uses about 8 CTAs per SM)")
     p.add_argument("--population", type=int, default=128, help="evolutionary search population (default 128)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prune-stale", action="store_true",
+                   help="afterwards drop --out's workloads tuned for older code of these kernels (lookup ignores them)")
 
 
 @contextmanager
@@ -69,6 +71,12 @@ def run(args, console) -> int:
         speedup = f"{r.baseline_seconds / r.best_seconds:.2f}x" if r.baseline_seconds and r.best_seconds else "-"
         table.add_row(r.kernel, f"{r.trials} ({r.new_trials})", _us(r.baseline_seconds), _us(r.best_seconds), speedup)
     console.print(table)
+    if args.prune_stale:
+        from ..kernel_set import make_kernel_set
+        from .lookup import prune_stale
+
+        dropped = prune_stale(out, make_kernel_set(config, target.kind.name).funcs, target)
+        console.print(f"pruned {dropped} workload(s) tuned for older kernel code from {out}")
     console.print(f"use it: turbotvm.codegen.build(..., tuning_log={str(out)!r}) or TurboAttention.build(..., "
                   f"tuning_log=...)")
     return 0

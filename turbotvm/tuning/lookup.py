@@ -17,7 +17,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
 from ..kernel_set import HAND_MAPPED
-from .records import RECORDS, WORKLOADS, TuningLogError, read_log, workload_file
+from .records import RECORDS, WORKLOADS, TuningLogError, read_log, rewrite_log, workload_file
 from .workload import arch_name, content_hash, kernel_fingerprint
 
 
@@ -74,6 +74,22 @@ def tuned_kernels(tuning_log, funcs: dict, target) -> dict:
         _notice(f"turbotvm: tuning log {log_dir} has no record for {len(untuned)} of {len(funcs)} kernels{why}; "
                 f"hand schedule for: {shown}")
     return tuned
+
+
+def prune_stale(log_dir, funcs: dict, target) -> int:
+    """Drop from the log in ``log_dir`` the workloads of kernels in ``funcs`` that were tuned for other
+    kernel code (lookup ignores them; re-tuning after a kernel change leaves them behind). Workloads
+    of kernels not in ``funcs`` or of other targets are kept. Returns how many were dropped."""
+    arch = arch_name(target)
+    fingerprints = {name: kernel_fingerprint(func) for name, func in funcs.items()}
+
+    def current(logged) -> bool:
+        meta = logged.meta
+        if meta["arch"] != arch or meta["target_kind"] != target.kind.name or meta["kernel"] not in fingerprints:
+            return True
+        return meta["kernel_hash"] == fingerprints[meta["kernel"]]
+
+    return rewrite_log(log_dir, current)
 
 
 def _best_of_largest_bucket(logged_workloads):

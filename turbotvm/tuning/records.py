@@ -162,6 +162,30 @@ def read_log(log_dir) -> list[LoggedWorkload]:
     return workloads
 
 
+def rewrite_log(log_dir, keep) -> int:
+    """Keep only the workloads for which ``keep(LoggedWorkload)`` is true, with their records
+    (re-indexed); the workload file keeps its form (plain or xz). Returns the workloads dropped."""
+    log_dir = Path(log_dir)
+    workloads = read_log(log_dir)
+    kept = [w for w in workloads if keep(w)]
+    if len(kept) == len(workloads):
+        return 0
+    index_of = {w.line: i for i, w in enumerate(kept)}
+    text = "".join(json.dumps(w.json_obj) + "\n" for w in kept)
+    path = workload_file(log_dir)
+    records = "".join(json.dumps([index_of[w.line], body]) + "\n"
+                      for w in kept for _, _, body in sorted(w.records, key=lambda r: r[0]))
+    for target, content in ((path, text), (log_dir / RECORDS, records)):
+        tmp = target.with_name(target.name + ".tmp")
+        if target.name.endswith(".xz"):
+            with lzma.open(tmp, "wt", preset=9) as f:
+                f.write(content)
+        else:
+            tmp.write_text(content)
+        tmp.replace(target)  # atomic: a reader sees the old file or the new one
+    return len(workloads) - len(kept)
+
+
 def validate_log_dir(log_dir) -> None:
     """Raise TuningLogError if ``log_dir`` holds a log this turbotvm cannot use (tuning resumes only valid logs)."""
     read_log(log_dir)
