@@ -15,7 +15,6 @@ import torch
 from turbotvm import TurboAttention
 from turbotvm import kernel_set as names
 from turbotvm.algorithm import QUANT_BLOCK
-from turbotvm.attention import k_smoothing_torch
 
 from turbotvm.bench import median_ms
 
@@ -34,10 +33,10 @@ def main(argv=None):
     v8t = torch.empty((b, h, d, nb * QUANT_BLOCK), dtype=torch.int8, device="cuda")
     scales = [torch.empty((b, h, nb), dtype=torch.float32, device="cuda") for _ in range(3)]
     out = torch.empty_like(q)
-    k_mean, k_factor = k_smoothing_torch(k)
+    k_mean, k_factor = turbo.smoothing(k, "float16")
     kern = turbo.kernels
     steps = {
-        "k smoothing (torch)": lambda: k_smoothing_torch(k),
+        "k smoothing": lambda: turbo.smoothing(k, "float16"),
         "quantize q (balanced)": lambda: kern[names.quantize_rows_name("float16", d, "balanced")](
             q, k_factor, q8, scales[0]),
         "quantize k (smoothed)": lambda: kern[names.quantize_rows_name("float16", d, "smoothed")](

@@ -128,3 +128,18 @@ def test_decode_prefetch_knob_matches_reference(turbo_cuda, rng, splits):
     cache = variant.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), bits)
     out = variant.decode(torch.from_numpy(q).cuda(), cache, num_splits=splits).cpu().numpy()
     assert cosine(out, ref.turbo_decode(q, ref.build_cache(k, v, bits), num_splits=splits)) >= 0.9999
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("n,d", [(1, 64), (37, 128), (3001, 128), (700, 64)])
+def test_channel_smoothing_cuda_matches_reference(turbo_cuda, rng, dtype, n, d):
+    """K's channel mean and balance factor from the one-launch CUDA kernel, on K with outlier channels
+    and one constant channel (factor 1), against the float64 reference of the same rounded K."""
+    _, k, _ = realistic_qkv(rng, 2, 4, 2, 1, n, d)
+    k[:, :, :, 5] = 0.75  # a constant channel
+    k = torch.from_numpy(k).to("cuda", getattr(torch, dtype))
+    mean, factor = turbo_cuda.smoothing(k, dtype)
+    expected_mean, expected_factor = ref.smoothing(k.double().cpu().numpy())
+    np.testing.assert_allclose(mean.cpu().numpy(), expected_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(factor.cpu().numpy(), expected_factor, rtol=1e-5, atol=1e-5)
+    assert np.all(factor[:, :, 5].cpu().numpy() == 1)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import kernel_set as names
-from .algorithm import CACHE_BITS, CACHE_GROUP, CACHE_K_OUTLIERS, K_BALANCE_EXPONENT, QUANT_BLOCK
+from .algorithm import CACHE_BITS, CACHE_GROUP, CACHE_K_OUTLIERS, QUANT_BLOCK
 from .codegen import CompiledKernels, build, load, load_or_build
 from .compressed_kv import CompressedKV, PackedGroup
 from .kernel_set import KernelSetConfig
@@ -25,16 +25,6 @@ DEFAULT_DECODE_SPLITS = 0
 CPU_DECODE_SPLITS = 4
 CTAS_PER_SM = 8
 DECODE_WORKSPACES = 8  # decode scratch sets kept per TurboAttention (one per recent shape/stream/thread)
-
-
-def k_smoothing_torch(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K's channel mean and balance factor by torch reductions (on CUDA, where they run at bandwidth):
-    factor = max_t |k - mean| ** K_BALANCE_EXPONENT, 1 for a constant channel (kernels.quantize.channel_smoothing)."""
-    mean = k.mean(dim=2, dtype=torch.float32)
-    lo, hi = torch.aminmax(k, dim=2)
-    spread = torch.maximum(hi.float() - mean, mean - lo.float())
-    factor = torch.where(hi > lo, spread.pow(K_BALANCE_EXPONENT), torch.ones_like(spread))
-    return mean, factor
 
 
 class TurboAttention:
@@ -100,8 +90,6 @@ class TurboAttention:
     @on_torch_stream
     def smoothing(self, k: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
         """K's channel mean and balance factor [B, H_kv, D] float32 (docs/algorithm.md §1)."""
-        if self.device_type == "cuda":
-            return k_smoothing_torch(k)
         mean = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
         factor = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
         self.kernels[names.channel_smoothing_name(dtype)](k, mean, factor)
@@ -139,7 +127,7 @@ class TurboAttention:
         q8, q_scale = self._empty(q, (b, h, n, d), torch.int8), self._empty(q, (b, h, nqb), torch.float32)
         k8, k_scale = self._empty(k, (b, hkv, m, d), torch.int8), self._empty(k, (b, hkv, nkb), torch.float32)
         v8t, v_scale = self._empty(v, (b, hkv, d, nkb * QUANT_BLOCK), torch.int8), self._empty(v, (b, hkv, nkb), torch.float32)
-        k_mean, k_factor = k_smoothing_torch(k)
+        k_mean, k_factor = self.smoothing(k, dtype)
         self.kernels[names.quantize_rows_name(dtype, d, "balanced")](q, k_factor, q8, q_scale)
         self.kernels[names.quantize_rows_name(dtype, d, "smoothed")](k, k_mean, k_factor, k8, k_scale)
         self.kernels[names.quantize_vt_name(dtype, d)](v, v8t, v_scale)

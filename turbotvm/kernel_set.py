@@ -100,7 +100,9 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> Kerne
     for dtype in config.dtypes:
         for mode in quantize.QUANTIZE_MODES:
             funcs[quantize_name(dtype, mode)] = quantize.quantize_int8(dtype, mode)
-        if target_kind != "cuda":  # CUDA reduces K's channels with torch (attention.k_smoothing_torch)
+        if target_kind == "cuda":
+            hand_mapped[channel_smoothing_name(dtype)] = quantize_cuda.channel_smoothing(dtype)
+        else:
             funcs[channel_smoothing_name(dtype)] = quantize.channel_smoothing(dtype)
     for bits in CACHE_BITS:
         funcs[compress_name(bits)] = kv_compress.compress(bits)

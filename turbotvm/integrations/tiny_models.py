@@ -26,7 +26,9 @@ def tiny_config(model_type: str = "llama", layers: int = 2, heads: int = 4, kv_h
 
     values = dict(vocab_size=256, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                  head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=False)
+                  head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=False,
+                  # bytes have no special tokens: an inherited eos id (2 for llama) ended random generations early
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
     values.update(overrides)
     return AutoConfig.for_model(model_type, **values)
 

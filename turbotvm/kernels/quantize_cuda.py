@@ -4,11 +4,12 @@ One CTA quantizes one 64-token block of one (batch, head): 128 threads read it c
 |x'| (x' per mode, as in quantize.py) to the block's absmax (warp shuffles, then 4 warp results
 through shared memory) and write the INT8 codes. ``transposed`` writes V as v8t [B, H, D, blocks * 64]
 with each tile's keys in the P-fragment order of ``prefill_tc.key_position`` (zeros past the last token).
+``channel_smoothing`` reduces K's channels (mean, balance factor) for the smoothed and balanced modes.
 """
 
 from tvm.script import tirx as T
 
-from ..algorithm import INT8_MAX, QUANT_BLOCK
+from ..algorithm import INT8_MAX, K_BALANCE_EXPONENT, QUANT_BLOCK
 from .quantize import QUANTIZE_MODES
 
 BLK = QUANT_BLOCK
@@ -134,3 +135,88 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
         body(x, None, None, codes, scale, B, H, N, NB, NC, 1)
 
     return quantize_rows_plain
+
+
+SMOOTH_CHANNELS = 64  # channels per CTA: one 128-byte line of an fp16 row (head dims are multiples of 64)
+SMOOTH_THREADS = 512
+
+
+def channel_smoothing(in_dtype: str):
+    """K's channel mean and balance factor (the math of quantize.channel_smoothing) in one launch.
+
+    A CTA owns 64 channels of one (batch, KV head). Each thread loads 16 bytes of a row at a time and
+    keeps a sum, min and max per channel over every LANES-th token; lanes of a warp combine by
+    shuffles, warps through shared memory. torch's reductions took ~10 launches, ~0.16 ms of host
+    time per prefill at any length.
+    """
+    vec = 16 // (4 if in_dtype == "float32" else 2)  # channels per 16-byte load
+    chunks = SMOOTH_CHANNELS // vec  # threads per 64-channel piece of a row
+    lanes = SMOOTH_THREADS // chunks  # tokens read at once
+    warps = SMOOTH_THREADS // 32
+    shuffles = (32 // chunks).bit_length() - 1  # xor masks chunks, 2 chunks, ...: the warp's lanes of a channel
+
+    @T.prim_func(s_tir=True)
+    def channel_smoothing_func(x_h: T.handle, mean_h: T.handle, factor_h: T.handle):
+        B, H, N, D = T.int32(), T.int32(), T.int32(), T.int32()
+        x = T.match_buffer(x_h, (B, H, N, D), in_dtype)
+        mean = T.match_buffer(mean_h, (B, H, D), "float32")
+        factor = T.match_buffer(factor_h, (B, H, D), "float32")
+        # rows as 16-byte pieces: a constant innermost extent makes each load one vector access
+        x_v = T.decl_buffer((B, H, N, D // vec, vec), in_dtype, data=x.data)
+        for cg in T.thread_binding(D // SMOOTH_CHANNELS, thread="blockIdx.x"):
+            for bh in T.thread_binding(B * H, thread="blockIdx.y"):
+                for tx in T.thread_binding(SMOOTH_THREADS, thread="threadIdx.x"):
+                    with T.sblock("channel_group"):
+                        T.reads(x_v[bh // H, bh % H, 0:N, cg * chunks:cg * chunks + chunks, 0:vec])
+                        T.writes(mean[bh // H, bh % H, cg * SMOOTH_CHANNELS:cg * SMOOTH_CHANNELS + SMOOTH_CHANNELS],
+                                 factor[bh // H, bh % H, cg * SMOOTH_CHANNELS:cg * SMOOTH_CHANNELS + SMOOTH_CHANNELS])
+                        # per warp and channel of the group: sum, min, max
+                        warp_stats = T.sblock_alloc_buffer((3 * warps * SMOOTH_CHANNELS,), "float32", scope="shared")
+                        row = T.sblock_alloc_buffer((vec,), in_dtype, scope="local")
+                        total = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                        lo = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                        hi = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                        stat = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                        b: T.let[T.int32] = bh // H
+                        h: T.let[T.int32] = bh % H
+                        chunk: T.let[T.int32] = tx % chunks
+                        lane: T.let[T.int32] = tx // chunks
+                        for w in T.unroll(vec):
+                            total[w] = T.float32(0)
+                            lo[w] = T.float32(3.4e38)
+                            hi[w] = T.float32(-3.4e38)
+                        for i in T.serial(T.ceildiv(N - lane, lanes)):
+                            for w in T.vectorized(vec):
+                                row[w] = x_v[b, h, lane + i * lanes, cg * chunks + chunk, w]
+                            for w in T.unroll(vec):
+                                total[w] = total[w] + T.Cast("float32", row[w])
+                                lo[w] = T.min(lo[w], T.Cast("float32", row[w]))
+                                hi[w] = T.max(hi[w], T.Cast("float32", row[w]))
+                        for w in T.unroll(vec):
+                            for j in T.unroll(shuffles):
+                                total[w] = total[w] + T.tvm_warp_shuffle_xor(
+                                    T.uint32(0xFFFFFFFF), total[w], chunks << j, 32, 32)
+                                lo[w] = T.min(lo[w], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), lo[w], chunks << j, 32, 32))
+                                hi[w] = T.max(hi[w], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), hi[w], chunks << j, 32, 32))
+                            if tx % 32 < chunks:
+                                warp_stats[(tx // 32) * SMOOTH_CHANNELS + chunk * vec + w] = total[w]
+                                warp_stats[(warps + tx // 32) * SMOOTH_CHANNELS + chunk * vec + w] = lo[w]
+                                warp_stats[(2 * warps + tx // 32) * SMOOTH_CHANNELS + chunk * vec + w] = hi[w]
+                        T.tvm_storage_sync("shared")
+                        if tx < SMOOTH_CHANNELS:
+                            stat[0] = T.float32(0)
+                            stat[1] = T.float32(3.4e38)
+                            stat[2] = T.float32(-3.4e38)
+                            for p in T.unroll(warps):
+                                stat[0] = stat[0] + warp_stats[p * SMOOTH_CHANNELS + tx]
+                                stat[1] = T.min(stat[1], warp_stats[(warps + p) * SMOOTH_CHANNELS + tx])
+                                stat[2] = T.max(stat[2], warp_stats[(2 * warps + p) * SMOOTH_CHANNELS + tx])
+                            stat[0] = stat[0] / T.Cast("float32", N)
+                            mean[b, h, cg * SMOOTH_CHANNELS + tx] = stat[0]
+                            # max_t |x_t - mean| = max(hi - mean, mean - lo), > 0 unless the channel is constant
+                            factor[b, h, cg * SMOOTH_CHANNELS + tx] = T.Select(
+                                stat[2] > stat[1],
+                                T.pow(T.max(stat[2] - stat[0], stat[0] - stat[1]), T.float32(K_BALANCE_EXPONENT)),
+                                T.float32(1))
+
+    return channel_smoothing_func

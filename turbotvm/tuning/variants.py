@@ -59,6 +59,8 @@ def _cuda_families() -> dict:
         "quantize_rows": HandMappedFamily(r"quantize_rows_(?:(smoothed|balanced)_)?(\w+?)_d(\d+)",
                                           quantize_cuda.quantize_rows,
                                           lambda m: (m[2], int(m[3]), m[1] or "plain", False)),
+        "channel_smoothing": HandMappedFamily(r"channel_smoothing_(\w+)", quantize_cuda.channel_smoothing,
+                                              lambda m: (m[1],)),
         "quantize_vt": HandMappedFamily(r"quantize_vt_(\w+?)_d(\d+)", quantize_cuda.quantize_rows,
                                         lambda m: (m[1], int(m[2]), "plain", True)),
         "decode_split_packed": HandMappedFamily(r"decode_split_b([24])_d(\d+)", decode_cuda.decode_split_packed,
