@@ -27,13 +27,14 @@ BK = QUANT_BLOCK  # keys per tile (= FlashQ block: one K and one V scale per til
 WARPS = 4  # default warps per CTA (16 query rows each): BQ = 64 rows = one FlashQ block
 WARP_CHOICES = (4, 2, 8)  # the tuning knob's values: 32, 64 or 128 query rows per CTA
 MIN_BLOCKS_CHOICES = (0, 1, 3)  # the tuning knob's values; 0: the hand choice for the head dim
+ROW_PAD_WORDS = 4  # 16 bytes of padding per shared row: conflict-free fragment loads
 
 
 def hand_min_blocks(head_dim: int) -> int:
-    """CTAs per SM asked of ptxas by default. At D=64, 3 (168 registers, from 143-168) was 1-5 % faster on
-    the H200; at D=128 the 64 fp32 output accumulators need ~240 registers, and 3 spilled and was slower."""
+    """CTAs per SM asked of ptxas by default. At D=64, 3 (168 registers, from 143-168) was 1-15 % faster on
+    the H200 (tuning_logs/sm_90); at D=128 the 64 fp32 output accumulators need ~240 registers, and 3
+    spilled and was 12 % slower."""
     return 3 if head_dim <= 64 else 1
-ROW_PAD_WORDS = 4  # 16 bytes of padding per shared row: conflict-free fragment loads
 
 
 def key_position(key: int) -> int:
@@ -61,11 +62,6 @@ def d_word(ks: int, j: int, t4, ksteps: int):
 
 MAGIC = 12582912.0  # 1.5 * 2**23: float + MAGIC puts an integer |i| < 2**22 in the low mantissa bits
 MAGIC_BITS = 0x4B400000
-
-
-def _int_to_float(i):
-    """Exact int32 -> float32 for |i| < 2**22 with an integer add and a float add (no I2F)."""
-    return T.reinterpret("float32", i + MAGIC_BITS) - T.float32(MAGIC)
 
 
 def _round_to_int(x_plus_magic):
@@ -199,7 +195,7 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS, 
                             row_sum = T.sblock_alloc_buffer((4,), "int32", scope="local")
                             o_acc = T.sblock_alloc_buffer((DTILES * 4,), "float32", scope="local")
                             tile_scale = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                            # per owned row (g, g + 8): running max, partial sum, tile max, rescale, P scale
+                            # per owned row (g, g + 8): running max, row sum, tile max, rescale, P scale
                             m = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             l = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             tile_max = T.sblock_alloc_buffer((2,), "float32", scope="local")
@@ -285,7 +281,8 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS, 
                                 for r in T.unroll(2):
                                     tile_max_acc[r] = T.float32(0)
                                 for i in T.unroll(BK // 8 * 4):
-                                    tile_max_acc[i % 4 // 2] = T.max(tile_max_acc[i % 4 // 2], T.reinterpret("float32", s_acc[i]))
+                                    tile_max_acc[i % 4 // 2] = T.max(tile_max_acc[i % 4 // 2],
+                                                                     T.reinterpret("float32", s_acc[i]))
                                 tile_scale[0] = qk_scale * k_scale[b, kvh, kt]
                                 for r in T.unroll(2):
                                     tile_max_acc[r] = T.cuda.warp_reduce(tile_max_acc[r], "max", 4)
@@ -313,8 +310,9 @@ def prefill_tc(head_dim: int, causal: bool, out_dtype: str, warps: int = WARPS, 
 
                                 # ---- P codes (0..127; masked keys get t past the threshold -> 0)
                                 for i in T.unroll(BK // 8 * 4):
-                                    t_key[i] = T.min((tile_max_acc[i % 4 // 2] - T.reinterpret("float32", s_acc[i])) * tile_scale[0]
-                                                     + t_offset[i % 4 // 2], T.float32(SAS_MAX_INT + 1))
+                                    t_key[i] = T.min(
+                                        (tile_max_acc[i % 4 // 2] - T.reinterpret("float32", s_acc[i])) * tile_scale[0]
+                                        + t_offset[i % 4 // 2], T.float32(SAS_MAX_INT + 1))
                                 if tile_needs_mask(qt, kt, N, M):
                                     for i in T.unroll(BK // 8 * 4):
                                         if masked(row0 + i % 4 // 2 * 8, kt * BK + i // 4 * 8 + t4 * 2 + i % 2, N, M):

@@ -55,7 +55,8 @@ def _cuda_families() -> dict:
     return {
         "prefill_tc": HandMappedFamily(r"prefill_tc_(full|causal)_d(\d+)_(\w+)", prefill_tc.prefill_tc,
                                        lambda m: (int(m[2]), m[1] == "causal", m[3]),
-                                       knobs={"warps": prefill_tc.WARP_CHOICES, "min_blocks": prefill_tc.MIN_BLOCKS_CHOICES}),
+                                       knobs={"warps": prefill_tc.WARP_CHOICES,
+                                              "min_blocks": prefill_tc.MIN_BLOCKS_CHOICES}),
         "quantize_rows": HandMappedFamily(r"quantize_rows_(?:(smoothed|balanced)_)?(\w+?)_d(\d+)",
                                           quantize_cuda.quantize_rows,
                                           lambda m: (m[2], int(m[3]), m[1] or "plain", False)),
