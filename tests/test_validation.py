@@ -86,3 +86,16 @@ def test_decode_bad_inputs(turbo_cpu, rng):
         turbo_cpu.compress_kv(k, v, [4, 3])
     with pytest.raises(ValueError, match="num_splits: expected a positive integer"):
         turbo_cpu.decode(q[:, :, :1].copy(), cache, num_splits=-1)
+
+
+def test_smoothing_bad_inputs(turbo_cpu, rng, qkv):
+    """The public smoothing method checks its K too: an unsupported head dim would leave channels unwritten."""
+    _, k, _ = qkv
+    with pytest.raises(ValueError, match=r"k: head_dim 96 is not supported"):
+        turbo_cpu.smoothing(torch.from_numpy(random_qkv(rng, 1, 2, 2, 1, 16, 96)[1]), "float32")
+    with pytest.raises(ValueError, match="k: expected rank 4"):
+        turbo_cpu.smoothing(k[0], "float32")
+    with pytest.raises(TypeError, match=r"k: expected dtype float16 \(the dtype argument\)"):
+        turbo_cpu.smoothing(k, "float16")
+    mean, factor = turbo_cpu.smoothing(k, "float32")
+    assert mean.shape == factor.shape == (1, 2, 64)

@@ -90,6 +90,10 @@ class TurboAttention:
     @on_torch_stream
     def smoothing(self, k: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
         """K's channel mean and balance factor [B, H_kv, D] float32 (docs/algorithm.md §1)."""
+        check_tensor("k", k, 4, self.device_type)
+        check_head_dim("k", k.shape[3], self.config)  # the CUDA kernel covers 64-channel groups
+        if dtype_name("k", k, self.config) != dtype:
+            raise TypeError(f"k: expected dtype {dtype} (the dtype argument), got {k.dtype}")
         mean = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
         factor = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
         self.kernels[names.channel_smoothing_name(dtype)](k, mean, factor)
