@@ -13,6 +13,12 @@ BLK = QUANT_BLOCK
 QUANTIZE_MODES = ("plain", "smoothed", "balanced")
 
 
+def balance_factor(mean, lo, hi):
+    """K's balance factor of a channel from its mean, min and max: max_t |x_t - mean| ** K_BALANCE_EXPONENT,
+    with max_t |x_t - mean| = max(hi - mean, mean - lo), > 0 unless the channel is constant (factor 1)."""
+    return T.Select(hi > lo, T.pow(T.max(hi - mean, mean - lo), T.float32(K_BALANCE_EXPONENT)), T.float32(1))
+
+
 def channel_smoothing(in_dtype: str):
     """K's smoothing per (b, h, d) over tokens: mean, and factor = max|x - mean| ** K_BALANCE_EXPONENT (1 if 0)."""
 
@@ -42,11 +48,7 @@ def channel_smoothing(in_dtype: str):
                         hi[0] = T.max(hi[0], T.Cast("float32", x[vb, vh, vt, vd]))
                 with T.sblock("mean_factor"):
                     mean[vb, vh, vd] = total[0] / T.Cast("float32", N)
-                    # max_t |x_t - mean| = max(hi - mean, mean - lo), > 0 unless the channel is constant
-                    factor[vb, vh, vd] = T.Select(
-                        hi[0] > lo[0],
-                        T.pow(T.max(hi[0] - mean[vb, vh, vd], mean[vb, vh, vd] - lo[0]), T.float32(K_BALANCE_EXPONENT)),
-                        T.float32(1))
+                    factor[vb, vh, vd] = balance_factor(mean[vb, vh, vd], lo[0], hi[0])
 
     return channel_smoothing_func
 

@@ -9,8 +9,8 @@ with each tile's keys in the P-fragment order of ``prefill_tc.key_position`` (ze
 
 from tvm.script import tirx as T
 
-from ..algorithm import INT8_MAX, K_BALANCE_EXPONENT, QUANT_BLOCK
-from .quantize import QUANTIZE_MODES
+from ..algorithm import INT8_MAX, QUANT_BLOCK
+from .quantize import QUANTIZE_MODES, balance_factor
 
 BLK = QUANT_BLOCK
 THREADS = 128
@@ -213,10 +213,6 @@ def channel_smoothing(in_dtype: str):
                                 stat[2] = T.max(stat[2], warp_stats[(2 * warps + p) * SMOOTH_CHANNELS + tx])
                             stat[0] = stat[0] / T.Cast("float32", N)
                             mean[b, h, cg * SMOOTH_CHANNELS + tx] = stat[0]
-                            # max_t |x_t - mean| = max(hi - mean, mean - lo), > 0 unless the channel is constant
-                            factor[b, h, cg * SMOOTH_CHANNELS + tx] = T.Select(
-                                stat[2] > stat[1],
-                                T.pow(T.max(stat[2] - stat[0], stat[0] - stat[1]), T.float32(K_BALANCE_EXPONENT)),
-                                T.float32(1))
+                            factor[b, h, cg * SMOOTH_CHANNELS + tx] = balance_factor(stat[0], stat[1], stat[2])
 
     return channel_smoothing_func
