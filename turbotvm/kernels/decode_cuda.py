@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 
 from ..algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK
 from .kv_compress import GROUPS_PER_BLOCK
-from .sas import NEG_BIG, sas_exp
+from .sas import NEG_BIG, SAS_TABLE, sas_exp, sas_exp_from_table, sas_table_entry
 
 BK = QUANT_BLOCK
 THREADS = 128
@@ -95,6 +95,7 @@ def decode_split_cuda(head_dim: int, bits: int):
                         k_tile = T.sblock_alloc_buffer((BK * K_STRIDE,), "int32", scope="shared")
                         v_tile = T.sblock_alloc_buffer((D * V_STRIDE,), "int32", scope="shared")
                         p_words = T.sblock_alloc_buffer((BK // 4,), "int32", scope="shared")
+                        sas_table = T.sblock_alloc_buffer((len(SAS_TABLE),), "float32", scope="shared")
                         warp_max = T.sblock_alloc_buffer((WARPS,), "float32", scope="shared")
                         q_frag = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
                         k_vec = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
@@ -120,6 +121,8 @@ def decode_split_cuda(head_dim: int, bits: int):
 
                         for i in T.unroll(HALF_WORDS):
                             q_frag[i] = q_w[b, hq, half * HALF_WORDS + i]
+                        if tx < len(SAS_TABLE):  # ordered before its first read by the tile loop's first barrier
+                            sas_table[tx] = sas_table_entry(tx)
                         st[0] = T.float32(NEG_BIG)
                         st[1] = T.float32(0)
                         acc[0] = T.float32(0)
@@ -154,13 +157,13 @@ def decode_split_cuda(head_dim: int, bits: int):
                                 warp_max[tx // 32] = st[3]
                             T.tvm_storage_sync("shared")
                             st[3] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
-                            st[4] = sas_exp(st[0] - T.max(st[0], st[3]))
-                            st[5] = sas_exp(st[3] - T.max(st[0], st[3])) / T.float32(INT8_MAX)
+                            st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
+                            st[5] = sas_exp_from_table(st[3] - T.max(st[0], st[3]), sas_table) / T.float32(INT8_MAX)
                             st[0] = T.max(st[0], st[3])
                             st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
                             code[0] = T.if_then_else(
                                 T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
-                                T.Cast("int32", T.min(T.nearbyint(sas_exp(st[2] - st[0]) * st[6]), T.float32(INT8_MAX))),
+                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]), T.float32(INT8_MAX))),
                                 0)
                             # tokens 4j..4j+3 sit on lanes 8j, +2, +4, +6: gather and store one word
                             p_word_of_lane: T.let[T.int32] = _pack4(
@@ -346,6 +349,8 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         qs_hi = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
                         q_kept = T.sblock_alloc_buffer((CACHE_K_OUTLIERS,), "int32", scope="shared")
                         p_sh = T.sblock_alloc_buffer((BK,), "int32", scope="shared")
+                        # SAS's integer part as a table (a select chain of 10 compares was ~60 instructions a tile)
+                        sas_table = T.sblock_alloc_buffer((len(SAS_TABLE),), "float32", scope="shared")
                         pv_red = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * NTG * D,), "int32", scope="shared")
                         # per warp: Σ q·zero of group 0 and of group 1, tile max, P sum
                         red = T.sblock_alloc_buffer((4 * WARPS,), "float32", scope="shared")
@@ -379,6 +384,8 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
 
                         if tx < D:
                             q_sh[tx] = T.Cast("int32", q[b, hq, 0, tx])
+                        if tx < len(SAS_TABLE):  # ordered before its first read by the tile loop's first barrier
+                            sas_table[tx] = sas_table_entry(tx)
                         st[0] = T.float32(NEG_BIG)
                         st[1] = T.float32(0)
                         acc[0] = T.float32(0)
@@ -456,13 +463,13 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                             # ---- SAS online softmax over the tile; P codes to shared memory
                             st[3] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]),
                                           T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
-                            st[4] = sas_exp(st[0] - T.max(st[0], st[3]))
-                            st[5] = sas_exp(st[3] - T.max(st[0], st[3])) / T.float32(INT8_MAX)
+                            st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
+                            st[5] = sas_exp_from_table(st[3] - T.max(st[0], st[3]), sas_table) / T.float32(INT8_MAX)
                             st[0] = T.max(st[0], st[3])
                             st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
                             code[0] = T.if_then_else(
                                 T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
-                                T.Cast("int32", T.min(T.nearbyint(sas_exp(st[2] - st[0]) * st[6]), T.float32(INT8_MAX))),
+                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]), T.float32(INT8_MAX))),
                                 0)
                             if half == 0:
                                 p_sh[token] = code[0]
