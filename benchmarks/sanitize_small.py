@@ -1,4 +1,4 @@
-"""One small prefill (causal, GQA, odd lengths) and one decode (4/2-bit + INT8 tail) for compute-sanitizer.
+"""Small prefills (causal, GQA, odd lengths) and decodes (4/2-bit + INT8 tail), D = 64 and 128, for compute-sanitizer.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_small.py
 """
@@ -11,13 +11,15 @@ from turbotvm import reference as ref
 from turbotvm.testing import cosine, random_qkv
 
 turbo = TurboAttention.build({"kind": "cuda", "arch": "sm_%d%d" % torch.cuda.get_device_capability()},
-                             head_dims=(64,), dtypes=("float16",))
+                             head_dims=(64, 128), dtypes=("float16",))
 rng = np.random.default_rng(0)
-q, k, v = (x.astype(np.float16).astype(np.float64) for x in random_qkv(rng, 1, 4, 2, 77, 130, 64))
-out = turbo.prefill(*(torch.from_numpy(x).to("cuda", torch.float16) for x in (q, k, v)), causal=True)
-print("prefill cos vs reference", cosine(out.float().cpu().numpy(), ref.turbo_prefill(q, k, v, True)))
-q, k, v = (x.astype(np.float16).astype(np.float64) for x in random_qkv(rng, 1, 4, 2, 1, 64 * 3 + 5, 64))
-cache = turbo.compress_kv(*(torch.from_numpy(x).to("cuda", torch.float16) for x in (k, v)), [4, 2])
-out = turbo.decode(torch.from_numpy(q).to("cuda", torch.float16), cache, num_splits=2)
-print("decode cos vs reference", cosine(out.float().cpu().numpy(), ref.turbo_decode(q, ref.build_cache(k, v, [4, 2]), num_splits=2)))
+for d in (64, 128):
+    q, k, v = (x.astype(np.float16).astype(np.float64) for x in random_qkv(rng, 1, 4, 2, 77, 130, d))
+    out = turbo.prefill(*(torch.from_numpy(x).to("cuda", torch.float16) for x in (q, k, v)), causal=True)
+    print(f"D={d} prefill cos vs reference", cosine(out.float().cpu().numpy(), ref.turbo_prefill(q, k, v, True)))
+    q, k, v = (x.astype(np.float16).astype(np.float64) for x in random_qkv(rng, 1, 4, 2, 1, 64 * 3 + 5, d))
+    cache = turbo.compress_kv(*(torch.from_numpy(x).to("cuda", torch.float16) for x in (k, v)), [4, 2])
+    out = turbo.decode(torch.from_numpy(q).to("cuda", torch.float16), cache, num_splits=2)
+    expected = ref.turbo_decode(q, ref.build_cache(k, v, [4, 2]), num_splits=2)
+    print(f"D={d} decode cos vs reference", cosine(out.float().cpu().numpy(), expected))
 torch.cuda.synchronize()

@@ -89,15 +89,27 @@ def test_compress_kernels_bit_exact(turbo_cpu, rng, bits):
     # block 0 is the INT8 sink block, kept verbatim; the groups hold blocks 1..3
     assert torch.equal(cache.sink_k, k8[:, :, :64]) and torch.equal(cache.sink_v, v8[:, :, :64])
     k8, v8 = k8[:, :, 64:].contiguous(), v8[:, :, 64:].contiguous()
-    unpacked = turbo_cpu.kernels[f"decompress_b{bits}"]
-    for x8, codes, step, zero, kept in ((k8, group.k_codes, group.k_step, group.k_zero, CACHE_K_OUTLIERS),
-                                        (v8, group.v_codes, group.v_step, group.v_zero, 0)):
+    for tensor, x8, codes, step, zero, kept in (("k", k8, group.k_codes, group.k_step, group.k_zero, CACHE_K_OUTLIERS),
+                                                ("v", v8, group.v_codes, group.v_step, group.v_zero, 0)):
+        unpacked = turbo_cpu.kernels[f"decompress_{tensor}_b{bits}"]
         assert codes.shape == (2, 4, 192, 128 * bits // 8 + kept)
         expected = ref.compress_int8(x8.numpy(), bits, kept)
         assert np.array_equal(step.numpy(), expected[1]) and np.array_equal(zero.numpy(), expected[2])
+        assert np.array_equal(codes.numpy()[..., :128 * bits // 8], pack_codes(expected[0], bits, tensor == "v"))
         out = torch.empty((2, 4, 192, 128), dtype=torch.int8)
         unpacked(codes, step, zero, out)
         assert np.array_equal(out.numpy(), ref.decompress_int8(*expected))
+
+
+def pack_codes(code, bits, channel_major):
+    """Unpacked codes [B, H, L, D] as the bytes of kv_compress's documented layouts, in numpy."""
+    b, h, length, d = code.shape
+    per_byte = 8 // bits
+    if channel_major:  # per 64-token block: channel after channel, a run of 64 tokens each
+        code = code.reshape(b, h, length // 64, 64, d).transpose(0, 1, 2, 4, 3)
+    code = code.reshape(b, h, length * d // per_byte, per_byte).astype(np.uint8)
+    packed = np.bitwise_or.reduce([code[..., i] << (bits * i) for i in range(per_byte)])
+    return packed.reshape(b, h, length, d // per_byte)
 
 
 def check_decode(turbo, q, k, v, head_bits, num_splits, min_exact):

@@ -192,12 +192,12 @@ class TurboAttention:
         head_ids = torch.tensor(heads, dtype=torch.int32, device=k8.device)
         parts = []
         # K's code rows end with CACHE_K_OUTLIERS bytes for its kept channels; the kernels read the width
-        for x8, scale, kept in ((k8, k_scale, CACHE_K_OUTLIERS), (v8, v_scale, 0)):
+        for tensor, x8, scale, kept in (("k", k8, k_scale, CACHE_K_OUTLIERS), ("v", v8, v_scale, 0)):
             codes = self._empty(x8, (b, hg, length, d * bits // 8 + kept), torch.uint8)
             step = self._empty(x8, (b, hg, nblocks, QUANT_BLOCK // CACHE_GROUP, d), torch.uint8)
             zero = self._empty(x8, (b, hg, nblocks, QUANT_BLOCK // CACHE_GROUP, d), torch.int8)
             group_scale = self._empty(x8, (b, hg, nblocks), torch.float32)
-            self.kernels[names.compress_name(bits)](x8, scale, head_ids, codes, step, zero, group_scale)
+            self.kernels[names.compress_name(bits, tensor)](x8, scale, head_ids, codes, step, zero, group_scale)
             parts += [codes, step, zero, group_scale]
         return PackedGroup(bits, head_ids, *parts)
 

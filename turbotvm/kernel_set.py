@@ -50,12 +50,16 @@ def channel_smoothing_name(dtype: str) -> str:
     return f"channel_smoothing_{dtype}"
 
 
-def compress_name(bits: int) -> str:
-    return f"compress_b{bits}"
+#: The cache's code tensors: K (token-major rows + kept bytes) and V (channel-major per block).
+CODE_TENSORS = ("k", "v")
 
 
-def decompress_name(bits: int) -> str:
-    return f"decompress_b{bits}"
+def compress_name(bits: int, tensor: str) -> str:
+    return f"compress_{tensor}_b{bits}"
+
+
+def decompress_name(bits: int, tensor: str) -> str:
+    return f"decompress_{tensor}_b{bits}"
 
 
 def prefill_name(head_dim: int, causal: bool, dtype: str) -> str:
@@ -105,8 +109,9 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> Kerne
         else:
             funcs[channel_smoothing_name(dtype)] = quantize.channel_smoothing(dtype)
     for bits in CACHE_BITS:
-        funcs[compress_name(bits)] = kv_compress.compress(bits)
-        funcs[decompress_name(bits)] = kv_compress.decompress(bits)
+        for tensor in CODE_TENSORS:
+            funcs[compress_name(bits, tensor)] = kv_compress.compress(bits, channel_major=tensor == "v")
+            funcs[decompress_name(bits, tensor)] = kv_compress.decompress(bits, channel_major=tensor == "v")
     for d in config.head_dims:
         for dtype in config.dtypes:
             if target_kind == "cuda":

@@ -26,11 +26,11 @@ from .sas import NEG_BIG, sas_exp
 BK = QUANT_BLOCK
 
 
-def _v_code(codes, b, g, t, d, bits):
-    """V's INT8 value (bits = 8) or its packed code (2/4 bits), as int32."""
+def _v_code(codes, b, g, t, d, bits, head_dim):
+    """V's INT8 value (bits = 8) or its packed code (2/4 bits, channel-major blocks), as int32."""
     if bits == 8:
         return T.Cast("int32", codes[b, g, t, d])
-    return unpack_code(codes, b, g, t, d, bits)
+    return unpack_code(codes, b, g, t, d, bits, head_dim, channel_major=True)
 
 
 def _whole(buf):
@@ -153,7 +153,8 @@ def decode_split(head_dim: int, bits: int):
                                 vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                                 vj, vd = T.axis.remap("SS", [j, d])
                                 k_tile_t[vd, vj] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int8", unpack_code(
-                                    k_codes, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits)), T.int8(0))
+                                    k_codes, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits, D,
+                                    channel_major=False)), T.int8(0))
                         for o, j in T.grid(CACHE_K_OUTLIERS, BK):
                             with T.sblock("k_kept"):
                                 vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
@@ -213,7 +214,7 @@ def decode_split(head_dim: int, bits: int):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
                             vj, vd = T.axis.remap("SS", [j, d])
                             v_tile[vj, vd] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int8", _v_code(
-                                v_codes, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits)), T.int8(0))
+                                v_codes, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits, D)), T.int8(0))
                     if bits == 8:
                         for d in range(D):
                             with T.sblock("init_pv"):

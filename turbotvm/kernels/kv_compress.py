@@ -10,9 +10,14 @@ step is 0 and their zero is a slot number; slot o of token t is byte ``D / per_b
 token's code row, holding x8 + 128. ``n_out`` is not a parameter: it is the width of the code rows
 beyond the packed codes (CACHE_K_OUTLIERS for K, 0 for V), so K and V share the kernels.
 
-Layouts: codes [B, HG, L, D / per_byte + n_out] uint8, low bits first (byte i holds channels
-i*k .. i*k+k-1, k = 8/bits); step, zero [B, HG, L/64, 64/CACHE_GROUP, D]. The kernels gather a
-group of heads (all heads of one bit width) through ``heads``.
+Layouts: codes [B, HG, L, D / per_byte + n_out] uint8, low bits first; step, zero
+[B, HG, L/64, 64/CACHE_GROUP, D]. K's codes are token-major: byte i of token t's row holds channels
+i*k .. i*k+k-1 (k = 8/bits), then the kept bytes (Q·Kᵀ reads a token's row). V's codes are
+channel-major within each 64-token block: the block's 64 rows hold its D runs of 64/k bytes, channel
+after channel, byte j of a run holding tokens j*k .. j*k+k-1 (P·V reads a channel's 64 codes as one
+vector and multiplies four tokens per dp4a). Both keep the token axis in 64-row blocks, so whole
+blocks slice and copy alike. The kernels gather a group of heads (all heads of one bit width)
+through ``heads``.
 """
 
 from tvm.script import tirx as T
@@ -46,7 +51,36 @@ def _squared_error(value, step, zero, levels):
     return (back - value) * (back - value)
 
 
-def compress(bits: int):
+def code_position(t, d, bits, head_dim, channel_major):
+    """(row, byte, shift) of the code of token t, channel d in a codes tensor (see the layouts above)."""
+    per_byte = codes_per_byte(bits)
+    if not channel_major:
+        return t, d // per_byte, T.floormod(d, per_byte) * bits
+    run, width = BLK // per_byte, head_dim // per_byte
+    index = d * run + T.floordiv(T.floormod(t, BLK), per_byte)  # byte of the block
+    return t - T.floormod(t, BLK) + T.floordiv(index, width), T.floormod(index, width), T.floormod(t, per_byte) * bits
+
+
+def source_token(row, byte, c, bits, head_dim, channel_major):
+    """Token of the c-th code of byte ``byte`` of row ``row`` (code_position's inverse, with source_channel)."""
+    per_byte = codes_per_byte(bits)
+    if not channel_major:
+        return row
+    run, width = BLK // per_byte, head_dim // per_byte
+    return row - T.floormod(row, BLK) + T.floormod(T.floormod(row, BLK) * width + byte, run) * per_byte + c
+
+
+def source_channel(row, byte, c, bits, head_dim, channel_major):
+    """Channel of the c-th code of byte ``byte`` of row ``row``."""
+    per_byte = codes_per_byte(bits)
+    if not channel_major:
+        return byte * per_byte + c
+    run, width = BLK // per_byte, head_dim // per_byte
+    return T.floordiv(T.floormod(row, BLK) * width + byte, run)
+
+
+def compress(bits: int, channel_major: bool):
+    """``channel_major``: V's layout (no kept bytes); else K's token-major rows."""
     per_byte = codes_per_byte(bits)
     levels = 2**bits - 1
     # most steps a group tries: widest // 2 + 1 when its range is the full 254
@@ -151,17 +185,19 @@ def compress(bits: int):
             with T.sblock("gather_scale"):
                 vb, vg, vblk = T.axis.remap("SSS", [b, g, blk])
                 scale[vb, vg, vblk] = scale8[vb, heads[vg], vblk]
-        for b, g, t, byte, c in T.grid(B, HG, L, D // per_byte, per_byte):
+        for b, g, row, byte, c in T.grid(B, HG, L, D // per_byte, per_byte):
             with T.sblock("pack"):
-                vb, vg, vt, vbyte, vc = T.axis.remap("SSSSR", [b, g, t, byte, c])
+                vb, vg, vrow, vbyte, vc = T.axis.remap("SSSSR", [b, g, row, byte, c])
+                token: T.let[T.int64] = source_token(vrow, vbyte, vc, bits, D, channel_major)
+                channel: T.let[T.int64] = source_channel(vrow, vbyte, vc, bits, D, channel_major)
                 with T.init():
-                    codes[vb, vg, vt, vbyte] = T.uint8(0)
-                codes[vb, vg, vt, vbyte] = codes[vb, vg, vt, vbyte] | T.shift_left(
+                    codes[vb, vg, vrow, vbyte] = T.uint8(0)
+                codes[vb, vg, vrow, vbyte] = codes[vb, vg, vrow, vbyte] | T.shift_left(
                     T.Cast("uint8", T.Select(
-                        _group_param(step, vb, vg, vt, vbyte * per_byte + vc) == 0, 0,
-                        _code(T.Cast("int32", x8[vb, heads[vg], vt, vbyte * per_byte + vc]),
-                              T.Cast("int32", _group_param(zero, vb, vg, vt, vbyte * per_byte + vc)),
-                              T.max(T.Cast("int32", _group_param(step, vb, vg, vt, vbyte * per_byte + vc)), 1),
+                        _group_param(step, vb, vg, token, channel) == 0, 0,
+                        _code(T.Cast("int32", x8[vb, heads[vg], token, channel]),
+                              T.Cast("int32", _group_param(zero, vb, vg, token, channel)),
+                              T.max(T.Cast("int32", _group_param(step, vb, vg, token, channel)), 1),
                               levels))),
                     T.Cast("uint8", vc * bits))
         for b, g, t, slot, d in T.grid(B, HG, L, W - D // per_byte, D):
@@ -188,12 +224,11 @@ def _group_param(param, b, g, t, d):
     return param[b, g, t // BLK, T.floordiv(T.floormod(t, BLK), GROUP), d]
 
 
-def unpack_code(codes, b, g, t, d, bits):
+def unpack_code(codes, b, g, t, d, bits, head_dim, channel_major):
     """The bits-wide code of channel d of token t, read from the packed bytes."""
-    per_byte = codes_per_byte(bits)
-    byte = codes[b, g, t, d // per_byte]
-    shift = T.Cast("uint8", T.floormod(d, per_byte) * bits)
-    return T.Cast("int32", T.bitwise_and(T.shift_right(byte, shift), T.uint8(2**bits - 1)))
+    row, byte, shift = code_position(t, d, bits, head_dim, channel_major)
+    return T.Cast("int32", T.bitwise_and(T.shift_right(codes[b, g, row, byte], T.Cast("uint8", shift)),
+                                         T.uint8(2**bits - 1)))
 
 
 def expand(code, step, zero):
@@ -201,20 +236,24 @@ def expand(code, step, zero):
     return T.min(code * T.Cast("int32", step) + T.Cast("int32", zero), INT8_MAX)
 
 
-def load_int8(codes, step, zero, b, g, t, d, bits, head_dim, code_width):
-    """INT8 value of channel d of token t: the expanded code, or the kept byte where step is 0.
+def load_int8(codes, step, zero, b, g, t, d, bits, head_dim, code_width, channel_major):
+    """INT8 value of channel d of token t: the expanded code, or (K) the kept byte where step is 0.
 
-    The kept-byte index is clamped into the row, so both operands of the select stay in bounds
-    even for V (no kept bytes: code_width == head_dim / per_byte).
+    The kept-byte index is clamped into the row, so both operands of the select stay in bounds.
     """
-    packed_width = head_dim // codes_per_byte(bits)
     group_step, group_zero = _group_param(step, b, g, t, d), _group_param(zero, b, g, t, d)
+    value = expand(unpack_code(codes, b, g, t, d, bits, head_dim, channel_major), group_step, group_zero)
+    if channel_major:  # V: no kept bytes
+        return value
+    packed_width = head_dim // codes_per_byte(bits)
     slot = T.min(T.max(T.Cast("int64", group_zero), 0), code_width - packed_width - 1)
     kept = T.Cast("int32", codes[b, g, t, packed_width + slot]) - KEPT_BIAS
-    return T.Select(group_step == 0, kept, expand(unpack_code(codes, b, g, t, d, bits), group_step, group_zero))
+    return T.Select(group_step == 0, kept, value)
 
 
-def decompress(bits: int):
+def decompress(bits: int, channel_major: bool):
+    """Codes back to INT8 values [B, HG, L, D] (K's kept channels included), for checks and tools."""
+
     @T.prim_func(s_tir=True)
     def decompress_func(codes_h: T.handle, step_h: T.handle, zero_h: T.handle, x8_h: T.handle):
         B, HG, L, D, NB, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
@@ -225,6 +264,7 @@ def decompress(bits: int):
         for b, g, t, d in T.grid(B, HG, L, D):
             with T.sblock("expand"):
                 vb, vg, vt, vd = T.axis.remap("SSSS", [b, g, t, d])
-                x8[vb, vg, vt, vd] = T.Cast("int8", load_int8(codes, step, zero, vb, vg, vt, vd, bits, D, W))
+                x8[vb, vg, vt, vd] = T.Cast("int8", load_int8(codes, step, zero, vb, vg, vt, vd, bits, D, W,
+                                                              channel_major))
 
     return decompress_func
