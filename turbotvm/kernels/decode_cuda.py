@@ -271,44 +271,57 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
       Q·Kᵀ: s_j = Σ_d q'_d code_jd + Σ_(d: step > 0) q_d zero_d + Σ_slots q_d(slot) kept_j,slot
             -> __dp4a on code bytes (q' split as hi * 128 + lo), one more for K's kept INT8 channels
             (step 0, zero = slot, byte = x8 + 128 after the packed codes; see kv_compress.py);
-      P·V:  pv_d = Σ_groups step_d Σ_j p_j code_jd + zero_d Σ_j p_j -> SIMD in a register: one
-            multiply-add accumulates p_j * code for two channels in the 16-bit halves of a word.
-    About 6x fewer instructions per tile than expanding to INT8, which is what decode's bandwidth needs.
+      P·V:  pv_d = Σ_groups step_d Σ_j p_j code_jd + zero_d Σ_j p_j -> thread d reads channel d's run of
+            64 codes (V is channel-major per block) in 16-byte loads and __dp4a's four tokens at a time
+            against P codes stored in the matching byte order: no reduction across threads.
+    About 8x fewer instructions per tile than expanding to INT8, which is what decode's bandwidth needs.
+    The code tensors hold whole 64-token blocks (L a multiple of 64), as the cache stores them.
 
     prefetch (a tuning knob): 1 loads the next tile's codes into registers while this tile is
-    computed (more bytes in flight per CTA, 17 more registers); 0 loads each tile at its start.
+    computed (more bytes in flight per CTA); 0 loads each tile at its start.
     """
     D = head_dim
     per_word = 32 // bits  # codes per int32 word
-    WPR = D // per_word  # packed words per token row
+    WPR = D // per_word  # packed words per K token row (V: per row of a block)
     KEPT_WORDS = CACHE_K_OUTLIERS // 4  # K rows end with the kept channels' bytes (V rows do not)
     SPREAD = 8 // bits  # byte vectors per word: (w >> bits*k) & 0x..03/0F.. holds codes k, k+8/b, ...
-    LANES = 16 // bits  # 16-bit SIMD vectors per word: codes k and k + 16/bits
     mask = 2**bits - 1
     byte_mask = mask * 0x01010101
-    lane_mask = mask | (mask << 16)
     QK_WORDS = WPR // 2  # packed words of a token row each of its two threads reads
-    NTG = THREADS // WPR  # token groups in P·V
-    PV_TOKENS = BK // NTG  # tokens per thread in P·V (the first half in stage-2 group 0)
+    QS_READ = QK_WORDS * SPREAD  # q' words a thread multiplies (hi and lo each)
     QS_WORDS = D // 4  # q' words per stage-2 group
+    RUN_WORDS = BK // per_word  # words of one V channel's 64 codes
+    RUN_VECS = RUN_WORDS // 4  # ... in 16-byte loads
+    ROW_VECS = WPR // 4  # 16-byte pieces of a V row
+    P_WORDS = BK // 4  # P codes of the tile, four per word
     PREFETCH = bool(prefetch)
-    assert CACHE_K_OUTLIERS % 4 == 0 and GROUPS_PER_BLOCK == 2 and NTG * PV_TOKENS // 2 == CACHE_GROUP
+    assert CACHE_K_OUTLIERS % 4 == 0 and GROUPS_PER_BLOCK == 2 and RUN_WORDS % 4 == 0 and WPR % 4 == 0
+    assert QS_READ % 4 == 0 and D <= THREADS
 
     @T.macro
-    def load_codes(k_w, v_w, k_dst, v_dst, b, g, tile, token, half, tg, word_col, length):
-        """Tile ``tile``'s packed codes to registers (tokens past ``length`` read as 0)."""
+    def load_codes(k_w, v_vec, k_dst, v_dst, b, g, tile, token, half, tx, length):
+        """Tile ``tile``'s packed codes to registers: the token's half K row (tokens past ``length``
+        read as 0); for thread d < D, channel d's V run (whole blocks: always in bounds)."""
         for i in T.unroll(QK_WORDS):
             k_dst[i] = T.if_then_else(tile * BK + token < length, k_w[b, g, tile * BK + token, half * QK_WORDS + i], 0)
         for i in T.unroll(KEPT_WORDS):
             k_dst[QK_WORDS + i] = T.if_then_else(
                 T.And(tile * BK + token < length, half == 1),
                 T.bitwise_xor(k_w[b, g, tile * BK + token, WPR + i], -2139062144), 0)
-        for i in T.unroll(PV_TOKENS):
-            v_dst[i] = T.if_then_else(tile * BK + tg + NTG * i < length, v_w[b, g, tile * BK + tg + NTG * i, word_col], 0)
+        if tx < D:
+            for j in T.unroll(RUN_VECS):
+                for w in T.vectorized(4):
+                    v_dst[j * 4 + w] = v_vec[b, g, tile * BK + (tx * RUN_VECS + j) // ROW_VECS,
+                                             (tx * RUN_VECS + j) % ROW_VECS, w]
 
     def qs_channel(u, i):
         """Channel of byte i of q' word u = (packed word u // SPREAD, spread u % SPREAD)."""
         return u // SPREAD * per_word + (8 // bits) * i + u % SPREAD
+
+    def p_byte(t):
+        """Byte of token t's P code in p_w: word (t // per_word) * SPREAD + spread, byte i, so that
+        p_w[j * SPREAD + k] pairs with (V word j >> bits * k) & byte_mask (tokens j * per_word + k + SPREAD * i)."""
+        return 4 * ((t // per_word) * SPREAD + t % SPREAD) + (t % per_word) // SPREAD
 
     @T.prim_func(s_tir=True)
     def decode_split_func(q_h: T.handle, q_scale_h: T.handle, heads_h: T.handle,
@@ -333,7 +346,8 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
         m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
         l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
         k_w = T.decl_buffer((B, HG, L, WPR + KEPT_WORDS), "int32", data=k_codes.data)
-        v_w = T.decl_buffer((B, HG, L, WPR), "int32", data=v_codes.data)
+        # V rows as 16-byte pieces: a constant innermost extent makes each load one vector access
+        v_vec = T.decl_buffer((B, HG, L, ROW_VECS, 4), "int32", data=v_codes.data)
         for split in T.thread_binding(num_splits, thread="blockIdx.x"):
             for by in T.thread_binding(B * HG * group_size, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
@@ -341,31 +355,39 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         T.reads(q[0:B, 0:H, 0, 0:D], q_scale[0:B, 0:H, 0], heads[0:HG],
                                 k_w[0:B, 0:HG, 0:L, 0:WPR + KEPT_WORDS], k_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
                                 k_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], k_scale[0:B, 0:HG, 0:NB],
-                                v_w[0:B, 0:HG, 0:L, 0:WPR], v_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
+                                v_vec[0:B, 0:HG, 0:L, 0:ROW_VECS, 0:4], v_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
                                 v_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], v_scale[0:B, 0:HG, 0:NB])
                         T.writes(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
                         q_sh = T.sblock_alloc_buffer((D,), "int32", scope="shared")
                         qs_lo = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
                         qs_hi = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
                         q_kept = T.sblock_alloc_buffer((CACHE_K_OUTLIERS,), "int32", scope="shared")
-                        p_sh = T.sblock_alloc_buffer((BK,), "int32", scope="shared")
+                        p_w = T.sblock_alloc_buffer((P_WORDS,), "int32", scope="shared")
+                        # views: q' and P words in 16-byte pieces, P codes as bytes
+                        qs_lo_vec = T.decl_buffer((GROUPS_PER_BLOCK * QS_WORDS // 4, 4), "int32", data=qs_lo.data,
+                                                  scope="shared")
+                        qs_hi_vec = T.decl_buffer((GROUPS_PER_BLOCK * QS_WORDS // 4, 4), "int32", data=qs_hi.data,
+                                                  scope="shared")
+                        p_vec = T.decl_buffer((P_WORDS // 4, 4), "int32", data=p_w.data, scope="shared")
+                        p_bytes = T.decl_buffer((BK,), "int8", data=p_w.data, scope="shared")
                         # SAS's integer part as a table (a select chain of 10 compares was ~60 instructions a tile)
                         sas_table = T.sblock_alloc_buffer((len(SAS_TABLE),), "float32", scope="shared")
-                        pv_red = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * NTG * D,), "int32", scope="shared")
                         # per warp: Σ q·zero of group 0 and of group 1, tile max, P sum
                         red = T.sblock_alloc_buffer((4 * WARPS,), "float32", scope="shared")
                         k_reg = T.sblock_alloc_buffer((QK_WORDS + KEPT_WORDS,), "int32", scope="local")
-                        v_reg = T.sblock_alloc_buffer((PV_TOKENS,), "int32", scope="local")
+                        v_reg = T.sblock_alloc_buffer((RUN_WORDS,), "int32", scope="local")
                         k_next = T.sblock_alloc_buffer((QK_WORDS + KEPT_WORDS,), "int32", scope="local")
-                        v_next = T.sblock_alloc_buffer((PV_TOKENS,), "int32", scope="local")
-                        simd = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * LANES,), "int32", scope="local")
+                        v_next = T.sblock_alloc_buffer((RUN_WORDS,), "int32", scope="local")
+                        qs_h = T.sblock_alloc_buffer((QS_READ,), "int32", scope="local")
+                        qs_l = T.sblock_alloc_buffer((QS_READ,), "int32", scope="local")
+                        p_reg = T.sblock_alloc_buffer((P_WORDS,), "int32", scope="local")
                         qsw = T.sblock_alloc_buffer((2,), "int32", scope="local")
                         s_acc = T.sblock_alloc_buffer((2,), "int32", scope="local")  # hi, lo
+                        pv = T.sblock_alloc_buffer((GROUPS_PER_BLOCK,), "int32", scope="local")
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         # m, l, score, tile max, rescale, P scale, 1 / P scale, Σ q·zero (x2), P sum (x2)
                         st = T.sblock_alloc_buffer((11,), "float32", scope="local")
                         code = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        pv_code = T.sblock_alloc_buffer((1,), "int32", scope="local")
 
                         # batch, KV head, query head and tile range of this CTA, through shared memory:
                         # as expressions of runtime sizes ptxas would redo their divisions at every use
@@ -379,8 +401,6 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
                         half: T.let[T.int32] = tx % 2
                         grp: T.let[T.int32] = tx // (2 * CACHE_GROUP)  # the token's stage-2 group
-                        word_col: T.let[T.int32] = tx % WPR  # P·V: one packed word column, tokens tg + NTG*i
-                        tg: T.let[T.int32] = tx // WPR
 
                         if tx < D:
                             q_sh[tx] = T.Cast("int32", q[b, hq, 0, tx])
@@ -391,20 +411,19 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         acc[0] = T.float32(0)
                         if PREFETCH:
                             if first < last:
-                                load_codes(k_w, v_w, k_next, v_next, b, g, first, token, half, tg, word_col, length)
+                                load_codes(k_w, v_vec, k_next, v_next, b, g, first, token, half, tx, length)
                         for kt in T.serial(last - first):
                             T.tvm_storage_sync("shared")
                             # ---- this tile's codes to registers (their latency overlaps the q' set-up)
                             if PREFETCH:
                                 for i in T.unroll(QK_WORDS + KEPT_WORDS):
                                     k_reg[i] = k_next[i]
-                                for i in T.unroll(PV_TOKENS):
+                                for i in T.unroll(RUN_WORDS):
                                     v_reg[i] = v_next[i]
                                 if first + kt + 1 < last:
-                                    load_codes(k_w, v_w, k_next, v_next, b, g, first + kt + 1, token, half, tg, word_col,
-                                               length)
+                                    load_codes(k_w, v_vec, k_next, v_next, b, g, first + kt + 1, token, half, tx, length)
                             else:
-                                load_codes(k_w, v_w, k_reg, v_reg, b, g, first + kt, token, half, tg, word_col, length)
+                                load_codes(k_w, v_vec, k_reg, v_reg, b, g, first + kt, token, half, tx, length)
                             # ---- q' = q * step (0 on kept channels) as hi * 128 + lo bytes, per group
                             if tx < GROUPS_PER_BLOCK * QS_WORDS:
                                 qsw[0] = 0
@@ -437,13 +456,18 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                             T.tvm_storage_sync("shared")
 
                             # ---- Q·Kᵀ on the packed codes; the token's two threads add their halves
+                            for j in T.unroll(QS_READ // 4):
+                                for w in T.vectorized(4):
+                                    qs_h[j * 4 + w] = qs_hi_vec[(grp * QS_WORDS + half * QS_READ) // 4 + j, w]
+                                for w in T.vectorized(4):
+                                    qs_l[j * 4 + w] = qs_lo_vec[(grp * QS_WORDS + half * QS_READ) // 4 + j, w]
                             s_acc[0] = 0
                             s_acc[1] = 0
                             for i in T.unroll(QK_WORDS):
                                 for k in T.unroll(SPREAD):
-                                    s_acc[0] = _dp4a(qs_hi[grp * QS_WORDS + (half * QK_WORDS + i) * SPREAD + k],
+                                    s_acc[0] = _dp4a(qs_h[i * SPREAD + k],
                                                      T.bitwise_and(T.shift_right(k_reg[i], bits * k), byte_mask), s_acc[0])
-                                    s_acc[1] = _dp4a(qs_lo[grp * QS_WORDS + (half * QK_WORDS + i) * SPREAD + k],
+                                    s_acc[1] = _dp4a(qs_l[i * SPREAD + k],
                                                      T.bitwise_and(T.shift_right(k_reg[i], bits * k), byte_mask), s_acc[1])
                             s_acc[0] = s_acc[0] * 128 + s_acc[1]
                             for i in T.unroll(KEPT_WORDS):  # zero on the half == 0 thread
@@ -460,7 +484,7 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                                 red[2 * WARPS + tx // 32] = st[3]
                             T.tvm_storage_sync("shared")
 
-                            # ---- SAS online softmax over the tile; P codes to shared memory
+                            # ---- SAS online softmax over the tile; P codes to shared memory (P·V's byte order)
                             st[3] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]),
                                           T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
                             st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
@@ -469,39 +493,34 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                             st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
                             code[0] = T.if_then_else(
                                 T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
-                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]), T.float32(INT8_MAX))),
+                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]),
+                                                      T.float32(INT8_MAX))),
                                 0)
                             if half == 0:
-                                p_sh[token] = code[0]
+                                p_bytes[p_byte(token)] = T.Cast("int8", code[0])
                             st[9] = T.cuda.warp_reduce(T.Cast("float32", T.if_then_else(half == 0, code[0], 0)), "sum", 32)
                             if tx % 32 == 0:
                                 red[3 * WARPS + tx // 32] = st[9]
                             T.tvm_storage_sync("shared")
 
-                            # ---- P·V on the packed codes: two channels per multiply-add (16-bit halves)
-                            for k in T.unroll(GROUPS_PER_BLOCK * LANES):
-                                simd[k] = 0
-                            for i in T.unroll(PV_TOKENS):
-                                for k in T.unroll(LANES):
-                                    simd[i // (PV_TOKENS // 2) * LANES + k] = simd[i // (PV_TOKENS // 2) * LANES + k] + \
-                                        p_sh[tg + NTG * i] * T.bitwise_and(T.shift_right(v_reg[i], bits * k), lane_mask)
-                            for gi in T.unroll(GROUPS_PER_BLOCK):
-                                for k in T.unroll(LANES):
-                                    pv_red[(gi * NTG + tg) * D + word_col * per_word + k] = T.bitwise_and(
-                                        simd[gi * LANES + k], 65535)
-                                    pv_red[(gi * NTG + tg) * D + word_col * per_word + k + LANES] = T.shift_right(
-                                        simd[gi * LANES + k], 16)
-                            T.tvm_storage_sync("shared")
+                            # ---- P·V: thread d, channel d's 64 codes, four tokens per __dp4a
                             if tx < D:
+                                for j in T.unroll(P_WORDS // 4):
+                                    for w in T.vectorized(4):
+                                        p_reg[j * 4 + w] = p_vec[j, w]
+                                pv[0] = 0
+                                pv[1] = 0
+                                for j in T.unroll(RUN_WORDS):
+                                    for k in T.unroll(SPREAD):
+                                        pv[j // (RUN_WORDS // 2)] = _dp4a(
+                                            p_reg[j * SPREAD + k], T.bitwise_and(T.shift_right(v_reg[j], bits * k), byte_mask),
+                                            pv[j // (RUN_WORDS // 2)])
                                 # P sums: warps 0-1 hold the tokens of group 0, warps 2-3 those of group 1
                                 st[9] = red[3 * WARPS] + red[3 * WARPS + 1]
                                 st[10] = red[3 * WARPS + 2] + red[3 * WARPS + 3]
                                 st[7] = T.float32(0)
                                 for gi in T.unroll(GROUPS_PER_BLOCK):
-                                    pv_code[0] = 0
-                                    for t in T.unroll(NTG):
-                                        pv_code[0] = pv_code[0] + pv_red[(gi * NTG + t) * D + tx]
-                                    st[7] = st[7] + T.Cast("float32", pv_code[0] * T.Cast(
+                                    st[7] = st[7] + T.Cast("float32", pv[gi] * T.Cast(
                                         "int32", v_step[b, g, first + kt, gi, tx])) + T.Cast(
                                         "float32", v_zero[b, g, first + kt, gi, tx]) * st[9 + gi]
                                 acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, first + kt] * st[7]
