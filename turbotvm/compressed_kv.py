@@ -11,8 +11,9 @@ Three regions, in token order:
   the FlashQ INT8 scale [B, HG, Lp/64] and the group's global KV head ids, Lp = compressed_len -
   sink_len (``packed_len``): row 0 of a group tensor is global token 64, its block 0 global block 1.
   K's code rows end with kept = CACHE_K_OUTLIERS bytes: its widest channels of each 64-token block at
-  INT8 (step 0, zero = the byte's slot; see kernels/kv_compress.py); V keeps none. Dim 2 of every
-  tensor is the token or the 64-token block axis.
+  INT8 (step 0, zero = the byte's slot; see kernels/kv_compress.py); V keeps none, and its codes are
+  channel-major within each block (a channel's 64 codes together, for P·V). Dim 2 of every tensor is
+  the token or the 64-token block axis.
 - Tokens [compressed_len, length) stay INT8 (the buffer of recent tokens, compressed once it holds 64).
 
 ``compressed_len`` is the tokens before the open block (sink + packed), a multiple of 64.
