@@ -209,10 +209,12 @@ def decode_split(head_dim: int, bits: int):
                             with T.init():
                                 p_sum[0] = 0
                             p_sum[0] = p_sum[0] + T.Cast("int32", p_code[vj])
-                    for j, d in T.grid(BK, D):
+                    # in the codes' order: token-major INT8 rows, channel-major packed runs
+                    for o, i in T.grid(BK if bits == 8 else D, D if bits == 8 else BK):
                         with T.sblock("v_load"):
                             vkt = T.axis.opaque(T.ceildiv(L, BK), kt)
-                            vj, vd = T.axis.remap("SS", [j, d])
+                            vj = T.axis.spatial(BK, o if bits == 8 else i)
+                            vd = T.axis.spatial(D, i if bits == 8 else o)
                             v_tile[vj, vd] = T.if_then_else((first + vkt) * BK + vj < length, T.Cast("int8", _v_code(
                                 v_codes, vb, vg, T.min((first + vkt) * BK + vj, length - 1), vd, bits, D)), T.int8(0))
                     if bits == 8:
