@@ -259,7 +259,7 @@ class TurboAttention:
         if sms is None:
             sms = self._sm_count[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
         tiles = max(1, -(-compressed_len // QUANT_BLOCK))
-        return max(1, min(tiles, -(-CTAS_PER_SM * sms // (q.shape[0] * q.shape[1]))))
+        return max(1, min(tiles, CTAS_PER_SM * sms // (q.shape[0] * q.shape[1])))
 
     @on_torch_stream
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
