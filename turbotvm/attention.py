@@ -20,7 +20,8 @@ from .kernels.sas import NEG_BIG
 from .torch_stream import on_torch_stream
 from .validation import as_tensor, check_attention_inputs, check_head_dim, check_scale, check_tensor, dtype_name
 
-#: 0 = choose: 4 on the CPU; on a GPU enough splits for about 8 CTAs per SM (decode is bandwidth-bound).
+#: 0 = choose: 4 on the CPU; on a GPU as many splits as fit one wave of 8 CTAs per SM (decode is
+#: bandwidth-bound; a second, partial wave leaves SMs idle at its end).
 DEFAULT_DECODE_SPLITS = 0
 CPU_DECODE_SPLITS = 4
 CTAS_PER_SM = 8
