@@ -163,7 +163,8 @@ def decode_split_cuda(head_dim: int, bits: int):
                             st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
                             code[0] = T.if_then_else(
                                 T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
-                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]), T.float32(INT8_MAX))),
+                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]),
+                                                      T.float32(INT8_MAX))),
                                 0)
                             # tokens 4j..4j+3 sit on lanes 8j, +2, +4, +6: gather and store one word
                             p_word_of_lane: T.let[T.int32] = _pack4(
@@ -274,7 +275,8 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
       P·V:  pv_d = Σ_groups step_d Σ_j p_j code_jd + zero_d Σ_j p_j -> thread d reads channel d's run of
             64 codes (V is channel-major per block) in 16-byte loads and __dp4a's four tokens at a time
             against P codes stored in the matching byte order: no reduction across threads.
-    About 8x fewer instructions per tile than expanding to INT8, which is what decode's bandwidth needs.
+    Computing on the codes is what decode's bandwidth needs: expanding them to INT8 first costs
+    several times the instructions per tile.
     The code tensors hold whole 64-token blocks (L a multiple of 64), as the cache stores them.
 
     prefetch (a tuning knob): 1 loads the next tile's codes into registers while this tile is
@@ -513,7 +515,8 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                                 for j in T.unroll(RUN_WORDS):
                                     for k in T.unroll(SPREAD):
                                         pv[j // (RUN_WORDS // 2)] = _dp4a(
-                                            p_reg[j * SPREAD + k], T.bitwise_and(T.shift_right(v_reg[j], bits * k), byte_mask),
+                                            p_reg[j * SPREAD + k],
+                                            T.bitwise_and(T.shift_right(v_reg[j], bits * k), byte_mask),
                                             pv[j // (RUN_WORDS // 2)])
                                 # P sums: warps 0-1 hold the tokens of group 0, warps 2-3 those of group 1
                                 st[9] = red[3 * WARPS] + red[3 * WARPS + 1]
