@@ -10,7 +10,7 @@ import pytest
 
 from turbotvm.codegen import emit_cuda_source, export, load
 from turbotvm.codegen.export import MANIFEST
-from turbotvm.kernel_set import KernelSetConfig
+from turbotvm.kernel_set import KERNEL_ABI, KernelSetConfig
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,21 @@ def test_other_tvm_version_is_refused(exported):
     manifest["versions"]["tvm"] = "0.1.0"
     (exported / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="built with TVM 0.1.0"):
+        load(exported)
+
+
+@pytest.mark.parametrize("abi", [None, 1])  # None: an export from before the field (version 1)
+def test_other_kernel_abi_is_refused(exported, abi):
+    """Kernels of another ABI take other arguments or cache layouts: used with this Python, they would
+    fail on a missing name or, worse, compute on misread codes."""
+    manifest = json.loads((exported / MANIFEST).read_text())
+    assert manifest["kernel_abi"] == KERNEL_ABI
+    if abi is None:
+        del manifest["kernel_abi"]
+    else:
+        manifest["kernel_abi"] = abi
+    (exported / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"kernel ABI 1, this turbotvm's is {KERNEL_ABI}"):
         load(exported)
 
 

@@ -14,6 +14,11 @@ from .kernels import decode, decode_cuda, kv_compress, prefill, prefill_tc, quan
 #: Activation dtypes the kernels take and return.
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
+#: Version of what the Python side and the kernels agree on: kernel names, arguments and the cache's
+#: data layouts. Exported modules record it; one built for another version is refused on load.
+#: 2: V codes channel-major per 64-token block; compress/decompress per tensor (compress_k_b4, ...).
+KERNEL_ABI = 2
+
 
 @dataclass(frozen=True)
 class KernelSetConfig:

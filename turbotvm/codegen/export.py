@@ -1,6 +1,6 @@
 """Deployable modules: ``export`` writes <dir>/kernels.so + manifest.json, ``load`` checks and reopens them.
 
-The manifest records what the library was built for (kernel names, head dims, dtypes, target,
+The manifest records what the library was built for (kernel names and ABI, head dims, dtypes, target,
 TVM versions) and its SHA-256, so a truncated, corrupt or foreign file is refused with a clear
 error before TVM opens it, and a loaded module refuses calls it has no kernel for.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tvm
 
-from ..kernel_set import KernelSetConfig
+from ..kernel_set import KERNEL_ABI, KernelSetConfig
 from .build import CompiledKernels, make_target, missing_cpu_features
 
 MANIFEST = "manifest.json"
@@ -56,6 +56,7 @@ def export(compiled: CompiledKernels, out_dir) -> Path:
         "target_kind": compiled.target_kind,
         "config": compiled.config.to_json(),
         "kernels": list(compiled.names),
+        "kernel_abi": KERNEL_ABI,
         "library": LIBRARY,
         "sha256": _sha256(library),
     }
@@ -86,6 +87,10 @@ def load(module_dir) -> CompiledKernels:
     built_with = manifest["versions"].get("tvm")
     if built_with != tvm.__version__:
         raise ValueError(f"{module_dir / MANIFEST}: built with TVM {built_with}, this is TVM {tvm.__version__}: rebuild it")
+    abi = manifest.get("kernel_abi", 1)  # exports before the field existed hold version 1
+    if abi != KERNEL_ABI:
+        raise ValueError(f"{module_dir / MANIFEST}: kernel ABI {abi}, this turbotvm's is {KERNEL_ABI} (other kernel "
+                         "arguments or cache layout, see turbotvm.kernel_set.KERNEL_ABI): rebuild it")
     if manifest["target_kind"] == "llvm":
         missing = missing_cpu_features(make_target(manifest["target"]))
         if missing:
