@@ -88,6 +88,18 @@ def test_decode_bad_inputs(turbo_cpu, rng):
         turbo_cpu.decode(q[:, :, :1].copy(), cache, num_splits=-1)
 
 
+def test_decode_refuses_code_tensors_without_whole_blocks(turbo_cpu, rng):
+    """V's codes are laid out per 64-token block: a cut block would be read past its end."""
+    q, k, v = random_qkv(rng, 1, 4, 2, 1, 64 * 4, 64)
+    cache = turbo_cpu.compress_kv(k, v, [4, 2])
+    turbo_cpu.decode(q, cache)
+    group = next(g for g in cache.groups if g.bits == 2)
+    group.v_codes = group.v_codes[:, :, :100]
+    with pytest.raises(ValueError, match=r"cache: expected the 2-bit group's v_codes on cpu with whole 64-token blocks "
+                                         r"for its 192 tokens, got 100 rows"):
+        turbo_cpu.decode(q, cache)
+
+
 def test_smoothing_bad_inputs(turbo_cpu, rng, qkv):
     """The public smoothing method checks its K too: an unsupported head dim would leave channels unwritten."""
     _, k, _ = qkv

@@ -280,6 +280,12 @@ class TurboAttention:
         for name, held in (("k_mean", cache.k_mean), ("k_factor", cache.k_factor)):
             if held.device != q.device:
                 raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {name} on {held.device}")
+        for group in cache.groups:  # the kernels read whole 64-token blocks of codes (V: channel-major per block)
+            for name, codes in (("k_codes", group.k_codes), ("v_codes", group.v_codes)):
+                rows = codes.shape[2]
+                if codes.device != q.device or rows % QUANT_BLOCK or rows < cache.packed_len:
+                    raise ValueError(f"cache: expected the {group.bits}-bit group's {name} on {q.device} with whole "
+                                     f"64-token blocks for its {cache.packed_len} tokens, got {rows} rows on {codes.device}")
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
         sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read
