@@ -281,7 +281,8 @@ class TurboAttention:
             if held.device != q.device:
                 raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {name} on {held.device}")
         for group in cache.groups:  # the kernels read whole 64-token blocks of codes (V: channel-major per block)
-            for name, codes in (("k_codes", group.k_codes), ("v_codes", group.v_codes)):
+            tensors = group.tensors()  # what decode reads of a group (the torch op passes a stand-in)
+            for name, codes in (("k_codes", tensors[0]), ("v_codes", tensors[4])):
                 rows = codes.shape[2]
                 if codes.device != q.device or rows % QUANT_BLOCK or rows < cache.packed_len:
                     raise ValueError(f"cache: expected the {group.bits}-bit group's {name} on {q.device} with whole "
