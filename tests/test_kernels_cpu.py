@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from turbotvm import TurboAttention
 from turbotvm import reference as ref
 from turbotvm.algorithm import CACHE_K_OUTLIERS, QUANT_BLOCK
 from turbotvm.calibration import select_head_bits
@@ -182,6 +183,21 @@ def test_decode_mixed_precision_realistic(turbo_cpu, rng):
     # target 0.97: .9957 / .9930 (30 seeds; before K's balance factor .9941 / .9811 over 120)
     cache = check_decode(turbo_cpu, q, k, v, head_bits, 4, 0.97)
     assert cache.nbytes() < turbo_cpu.compress_kv(k, v, [4] * 4).nbytes()
+
+
+@pytest.mark.parametrize("batch,heads,tokens,splits", [
+    (1, 32, 32768, 33),   # 33 x 32 = 1056 CTAs: one wave of 8 per SM on 132 SMs
+    (16, 32, 32768, 2),   # 1024 CTAs; 3 splits would be 1.45 waves (measured 15 % slower on the H200)
+    (64, 32, 4096, 1),    # more sequences x heads than a wave holds: one split
+    (1, 8, 64 * 5, 5),    # a short cache: one 64-token tile per split at most
+])
+def test_gpu_split_count_fills_one_wave(batch, heads, tokens, splits):
+    """The CUDA split rule, min(tiles, max(1, floor(8 * SMs / (B * H)))), on a stand-in H200 (132 SMs)."""
+    from types import SimpleNamespace
+
+    q = torch.empty(batch, heads, 1, 128)
+    h200 = SimpleNamespace(device_type="cuda", _sm_count={q.device: 132})
+    assert TurboAttention._auto_splits(h200, q, tokens) == splits
 
 
 def test_decode_mixed_precision_random(turbo_cpu, rng):
