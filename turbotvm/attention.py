@@ -280,16 +280,16 @@ class TurboAttention:
         for name, held in (("k_mean", cache.k_mean), ("k_factor", cache.k_factor)):
             if held.device != q.device:
                 raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {name} on {held.device}")
+        if int(num_splits) < 0:
+            raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
+        sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read
         for group in cache.groups:  # the kernels read whole 64-token blocks of codes (V: channel-major per block)
             tensors = group.tensors()  # what decode reads of a group (the torch op passes a stand-in)
             for name, codes in (("k_codes", tensors[0]), ("v_codes", tensors[4])):
                 rows = codes.shape[2]
-                if codes.device != q.device or rows % QUANT_BLOCK or rows < cache.packed_len:
+                if codes.device != q.device or rows % QUANT_BLOCK or rows < packed_len:
                     raise ValueError(f"cache: expected the {group.bits}-bit group's {name} on {q.device} with whole "
-                                     f"64-token blocks for its {cache.packed_len} tokens, got {rows} rows on {codes.device}")
-        if int(num_splits) < 0:
-            raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
-        sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read
+                                     f"64-token blocks for its {packed_len} tokens, got {rows} rows on {codes.device}")
         num_splits = int(num_splits) or self._auto_splits(q, packed_len)
         check_head_dim("q", d, self.config)
         scale = check_scale(scale, d)
