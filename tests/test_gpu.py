@@ -78,6 +78,24 @@ def test_decode_cuda_auto_splits(turbo_cuda, rng):
     assert cosine(out, ref.exact_attention(q, k, v)) >= 0.98
 
 
+def test_decode_cuda_mixed_bits_auto_splits_per_launch(turbo_cuda, rng):
+    """Each bit width's launch picks splits for its own heads (the 2-bit quarter takes more), and the
+    slots the 4-bit launch leaves unwritten merge as empty: every head matches the reference at its
+    group's split count."""
+    head_bits = [2 if h % 4 == 3 else 4 for h in range(16)]
+    q, k, v = realistic_qkv(rng, 4, 16, 16, 1, 2048 + 40, 128)
+    cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), head_bits)
+    q_cuda = torch.from_numpy(q).cuda()
+    splits = {bits: turbo_cuda._auto_splits(q_cuda, cache.packed_len, head_bits.count(bits)) for bits in (2, 4)}
+    assert splits[2] > splits[4]  # else this test checks nothing new
+    out = turbo_cuda.decode(q_cuda, cache).cpu().numpy()
+    reference = ref.build_cache(k, v, head_bits)
+    for bits in (2, 4):
+        heads = [h for h in range(16) if head_bits[h] == bits]
+        expected = ref.turbo_decode(q, reference, num_splits=splits[bits])[:, heads]
+        assert cosine(out[:, heads], expected) >= 0.9999
+
+
 def test_cpu_tensor_refused_by_cuda_build(turbo_cuda, rng):
     q, k, v = (torch.from_numpy(x) for x in random_qkv(rng, 1, 2, 2, 8, 8, 64))
     with pytest.raises(ValueError, match="q: expected a tensor on 'cuda'"):

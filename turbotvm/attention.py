@@ -216,17 +216,22 @@ class TurboAttention:
         return q8, q_scale
 
     def _decode_workspace(self, q, slots: int) -> tuple:
-        """Scratch of one decode (q8, q_scale, o_part, m_part, l_part).
+        """Scratch of one decode (q8, q_scale, partial states, o_part, m_part, l_part).
 
         On CUDA it is reused by the next call of the same shape on the same stream and thread: the
         kernels of consecutive calls on one stream run in order, so the reuse is safe, and another
-        stream or thread gets its own. Five ``torch.empty`` per step cost about 30 us of host time
+        stream or thread gets its own. Allocating the scratch per step cost about 30 us of host time
         on the H200 machine, a third of a short decode step.
         """
         b, h, _, d = q.shape
 
         def partials():
-            return tuple(self._empty(q, shape, torch.float32) for shape in ((b, h, slots, d), (b, h, slots), (b, h, slots)))
+            """(all, o_part, m_part, l_part): views of one buffer, so one fill marks every slot empty.
+            Each view starts 64-byte aligned, as TVM buffers are by default."""
+            o_size, m_size = b * h * slots * d, -(-b * h * slots // 16) * 16
+            state = self._empty(q, (o_size + 2 * m_size,), torch.float32)
+            m_l = state[o_size:].view(2, m_size)[:, :b * h * slots]
+            return state, state[:o_size].view(b, h, slots, d), m_l[0].view(b, h, slots), m_l[1].view(b, h, slots)
 
         if self.device_type != "cuda":
             return (None, None, *partials())  # the CPU quantizes q through ``quantize``, which allocates
@@ -253,14 +258,15 @@ class TurboAttention:
                 torch.zeros((batch, kv_heads, 1, head_dim), dtype=torch.int8, device=device))
         return constants
 
-    def _auto_splits(self, q, compressed_len: int) -> int:
+    def _auto_splits(self, q, compressed_len: int, heads: int | None = None) -> int:
+        """Splits for a launch over ``heads`` query heads (default: all of q's) of every sequence."""
         if self.device_type != "cuda":
             return CPU_DECODE_SPLITS
         sms = self._sm_count.get(q.device)
         if sms is None:
             sms = self._sm_count[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
         tiles = max(1, -(-compressed_len // QUANT_BLOCK))
-        return max(1, min(tiles, CTAS_PER_SM * sms // (q.shape[0] * q.shape[1])))
+        return max(1, min(tiles, CTAS_PER_SM * sms // (q.shape[0] * (heads or q.shape[1]))))
 
     @on_torch_stream
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
@@ -290,22 +296,28 @@ class TurboAttention:
                 if codes.device != q.device or rows % QUANT_BLOCK or rows < packed_len:
                     raise ValueError(f"cache: expected the {group.bits}-bit group's {name} on {q.device} with whole "
                                      f"64-token blocks for its {packed_len} tokens, got {rows} rows on {codes.device}")
-        num_splits = int(num_splits) or self._auto_splits(q, packed_len)
         check_head_dim("q", d, self.config)
         scale = check_scale(scale, d)
         group_size = h // cache.num_kv_heads
-        # every slot is written by exactly one split CTA (an empty split writes the neutral state),
-        # so the partials need no fill: slots [0, S) for the packed 4/2-bit blocks, then one for the
-        # INT8 sink block, then one for the INT8 buffer
-        split_slots = num_splits if cache.groups else 0
+        # one launch per bit width: each picks its own splits (a group of few heads takes more), so
+        # that every launch fills the GPU
+        group_splits = [int(num_splits) or self._auto_splits(q, packed_len, len(group.heads) * group_size)
+                        for group in cache.groups]
+        # slots [0, S) for the packed 4/2-bit blocks (S: the most splits of a group), then one for the
+        # INT8 sink block, then one for the INT8 buffer. Each split CTA writes its slot (an empty split
+        # the neutral state); heads of a group with fewer splits than S leave slots unwritten, so then
+        # every slot is first marked empty (NEG_BIG, finite: times its zero weight in the merge, 0)
+        split_slots = max(group_splits, default=0)
         sink_slot = split_slots
         buffer_slot = sink_slot + (cache.sink_k is not None)
         slots = buffer_slot + (cache.buffer_k is not None)
-        q8, q_scale, o_part, m_part, l_part = self._decode_workspace(q, slots)
+        q8, q_scale, partial_states, o_part, m_part, l_part = self._decode_workspace(q, slots)
+        if len(set(group_splits)) > 1:
+            partial_states.fill_(NEG_BIG)
         q8, q_scale = self._quantize_query(q, dtype, cache.k_factor, q8, q_scale)
-        for group in cache.groups:
+        for group, splits in zip(cache.groups, group_splits):
             self.kernels[names.decode_split_name(d, group.bits)](
-                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, num_splits, 0, packed_len)
+                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, splits, 0, packed_len)
         int8_regions = ((cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale, sink_slot, sink_len),
                         (cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale, buffer_slot,
                          cache.length - cache.compressed_len))
