@@ -197,3 +197,33 @@ def test_module_for_another_cpu_is_refused(exported):
     (exported / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="whose instructions this CPU lacks"):
         load(exported)
+
+
+def test_warp_max_order_key_keeps_float_order():
+    """The CUDA decode's warp max runs redux.sync (integers only) on int32 keys of the scores: the keys
+    must order like the floats, negatives and the NEG_BIG of masked tokens included, and map back exactly."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from turbotvm.kernels.decode_cuda import _order_key
+    from turbotvm.kernels.sas import NEG_BIG
+
+    n = 4096
+    floats = np.random.default_rng(0).standard_normal(n).astype(np.float32) * np.float32(10.0) ** \
+        np.random.default_rng(1).integers(-30, 30, n).astype(np.float32)
+    floats[:6] = [NEG_BIG, -0.0, 0.0, 1e-40, -1e-40, 3.0e38]
+
+    @T.prim_func(s_tir=True)
+    def keys(x: T.Buffer((n,), "float32"), key: T.Buffer((n,), "int32"), back: T.Buffer((n,), "float32")):
+        for i in range(n):
+            with T.sblock("key"):
+                vi = T.axis.remap("S", [i])
+                key[vi] = _order_key(T.reinterpret("int32", x[vi]))
+                back[vi] = T.reinterpret("float32", _order_key(_order_key(T.reinterpret("int32", x[vi]))))
+
+    key, back = np.empty(n, np.int32), np.empty(n, np.float32)
+    tvm.compile(tvm.IRModule({"keys": keys.with_attr("global_symbol", "keys")}), target="llvm")["keys"](floats, key, back)
+    assert np.array_equal(back.view(np.int32), floats.view(np.int32))  # its own inverse, bit for bit
+    by_key = floats[np.argsort(key, kind="stable")]
+    assert np.all(np.diff(by_key.astype(np.float64)) >= 0)  # ascending keys = ascending floats
+    assert floats[np.argmax(key)] == floats.max() and floats[np.argmin(key)] == floats.min()

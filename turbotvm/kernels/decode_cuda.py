@@ -27,6 +27,23 @@ def _dp4a(a, b, c):
     return T.call_pure_extern("int32", "__dp4a", a, b, c)
 
 
+def _warp_sum(x):
+    """Sum of an int32 over the warp: one redux.sync (sm_80+) instead of five shuffles and adds."""
+    return T.call_pure_extern("int32", "__reduce_add_sync", T.uint32(0xFFFFFFFF), x)
+
+
+def _order_key(bits):
+    """float32 bits (as int32) <-> an int32 of the same order: negative floats get their magnitude
+    bits flipped. Its own inverse."""
+    return T.bitwise_xor(bits, T.bitwise_and(T.shift_right(bits, 31), 0x7FFFFFFF))
+
+
+def _warp_max(x):
+    """Max of a float32 over the warp: one redux.sync on order keys (no float redux before sm_100)."""
+    return T.reinterpret("float32", _order_key(T.call_pure_extern(
+        "int32", "__reduce_max_sync", T.uint32(0xFFFFFFFF), _order_key(T.reinterpret("int32", x)))))
+
+
 def _pack4(b0, b1, b2, b3):
     """Four int32 values in -128..127 packed as the bytes of one word (little end first)."""
     return (T.bitwise_and(b0, 255) | T.shift_left(T.bitwise_and(b1, 255), 8)
@@ -385,6 +402,7 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         p_reg = T.sblock_alloc_buffer((P_WORDS,), "int32", scope="local")
                         qsw = T.sblock_alloc_buffer((2,), "int32", scope="local")
                         s_acc = T.sblock_alloc_buffer((2,), "int32", scope="local")  # hi, lo
+                        q_zero = T.sblock_alloc_buffer((GROUPS_PER_BLOCK,), "int32", scope="local")  # Σ q·zero
                         pv = T.sblock_alloc_buffer((GROUPS_PER_BLOCK,), "int32", scope="local")
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         # m, l, score, tile max, rescale, P scale, 1 / P scale, Σ q·zero (x2), P sum (x2)
@@ -440,21 +458,20 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                                 qs_lo[tx] = qsw[0]
                                 qs_hi[tx] = qsw[1]
                             # Σ q·zero over coded channels, per group; kept channels hand q to their slot
-                            st[7] = T.float32(0)
-                            st[8] = T.float32(0)
+                            q_zero[0] = 0
+                            q_zero[1] = 0
                             if tx < D:
                                 for gi in T.unroll(GROUPS_PER_BLOCK):
-                                    st[7 + gi] = T.Cast("float32", T.if_then_else(
-                                        k_step[b, g, first + kt, gi, tx] > T.uint8(0),
-                                        q_sh[tx] * T.Cast("int32", k_zero[b, g, first + kt, gi, tx]), 0))
+                                    q_zero[gi] = T.if_then_else(k_step[b, g, first + kt, gi, tx] > T.uint8(0),
+                                                                q_sh[tx] * T.Cast("int32", k_zero[b, g, first + kt, gi, tx]), 0)
                                 if k_step[b, g, first + kt, 0, tx] == T.uint8(0):
                                     # the slot, masked into range: a corrupt cache cannot write past q_kept
                                     q_kept[T.bitwise_and(T.Cast("int32", k_zero[b, g, first + kt, 0, tx]),
                                                          CACHE_K_OUTLIERS - 1)] = q_sh[tx]
                             for gi in T.unroll(GROUPS_PER_BLOCK):
-                                st[7 + gi] = T.cuda.warp_reduce(st[7 + gi], "sum", 32)
+                                q_zero[gi] = _warp_sum(q_zero[gi])
                                 if tx % 32 == 0:
-                                    red[gi * WARPS + tx // 32] = st[7 + gi]
+                                    red[gi * WARPS + tx // 32] = T.Cast("float32", q_zero[gi])
                             T.tvm_storage_sync("shared")
 
                             # ---- Q·Kᵀ on the packed codes; the token's two threads add their halves
@@ -481,7 +498,7 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                             st[2] = T.if_then_else((first + kt) * BK + token < length,
                                                    (T.Cast("float32", s_acc[0]) + st[7]) * q_scale[b, hq, 0]
                                                    * k_scale[b, g, first + kt] * sm_scale, T.float32(NEG_BIG))
-                            st[3] = T.cuda.warp_reduce(st[2], "max", 32)
+                            st[3] = _warp_max(st[2])
                             if tx % 32 == 0:
                                 red[2 * WARPS + tx // 32] = st[3]
                             T.tvm_storage_sync("shared")
@@ -500,9 +517,9 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                                 0)
                             if half == 0:
                                 p_bytes[p_byte(token)] = T.Cast("int8", code[0])
-                            st[9] = T.cuda.warp_reduce(T.Cast("float32", T.if_then_else(half == 0, code[0], 0)), "sum", 32)
+                            code[0] = _warp_sum(T.if_then_else(half == 0, code[0], 0))
                             if tx % 32 == 0:
-                                red[3 * WARPS + tx // 32] = st[9]
+                                red[3 * WARPS + tx // 32] = T.Cast("float32", code[0])
                             T.tvm_storage_sync("shared")
 
                             # ---- P·V: thread d, channel d's 64 codes, four tokens per __dp4a
