@@ -96,6 +96,39 @@ def test_decode_cuda_mixed_bits_auto_splits_per_launch(turbo_cuda, rng):
         assert cosine(out[:, heads], expected) >= 0.9999
 
 
+@pytest.mark.parametrize("length", [1, 37, 64, 65, 128, 191])
+@pytest.mark.parametrize("head_dim,dtype", [(64, "bfloat16"), (128, "float16")])
+def test_decode_cuda_int8_regions(turbo_cuda, rng, length, head_dim, dtype):
+    """The step's first launch attends to the sink and the open block, each present or not (lengths
+    around the block edges), GQA 4."""
+    q, k, v = realistic_qkv(rng, 2, 8, 2, 1, length, head_dim)
+    q_cuda = torch.from_numpy(q).to("cuda", getattr(torch, dtype))
+    cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), [4, 2])
+    out = turbo_cuda.decode(q_cuda, cache, num_splits=3).float().cpu().numpy()
+    expected = ref.turbo_decode(q_cuda.double().cpu().numpy(), ref.build_cache(k, v, [4, 2]), num_splits=3)
+    assert cosine(out, expected) >= 0.9995  # bf16 / fp16 output rounding
+
+
+def test_decode_int8_quantizes_q_as_the_row_kernel(turbo_cuda, rng):
+    """The q8 and q_scale decode_int8 writes for the split kernels are bit for bit those of
+    quantize_rows 'balanced' (an all-zero head included)."""
+    from turbotvm.kernel_set import decode_int8_name
+
+    q, k, v = realistic_qkv(rng, 3, 8, 2, 1, 64 + 10, 128)
+    q[:, 5] = 0
+    q_cuda = torch.from_numpy(q).to("cuda", torch.float16)
+    cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), [4, 4])
+    expected_q8, expected_scale = turbo_cuda._quantize_query(q_cuda, "float16", cache.k_factor)
+    q8, q_scale = torch.full_like(expected_q8, 99), torch.full_like(expected_scale, -1)
+    o_part, m_part, l_part = (torch.empty(shape, device="cuda") for shape in ((3, 8, 2, 128), (3, 8, 2), (3, 8, 2)))
+    turbo_cuda.kernels[decode_int8_name(128, "float16")](
+        q_cuda, cache.k_factor, q8, q_scale, cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
+        cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale, o_part, m_part, l_part,
+        128 ** -0.5, 0, 64, 10)
+    assert torch.equal(q8, expected_q8)
+    assert torch.equal(q_scale, expected_scale)
+
+
 def test_cpu_tensor_refused_by_cuda_build(turbo_cuda, rng):
     q, k, v = (torch.from_numpy(x) for x in random_qkv(rng, 1, 2, 2, 8, 8, 64))
     with pytest.raises(ValueError, match="q: expected a tensor on 'cuda'"):

@@ -205,8 +205,8 @@ class TurboAttention:
     # ------------------------------------------------------------------ decode
 
     def _quantize_query(self, q, dtype, k_factor, q8=None, q_scale=None):
-        """INT8 query balanced by K's factor: on CUDA through the block-parallel kernel (the generic one
-        is one thread per block)."""
+        """INT8 query balanced by K's factor, as decode computes it (on CUDA inside decode_int8): for
+        tools that time a split kernel alone."""
         if self.device_type != "cuda":
             return self.quantize(q, dtype, balance=k_factor)
         b, h, n, d = q.shape
@@ -244,8 +244,8 @@ class TurboAttention:
         self._workspaces[key] = workspace
         return workspace
 
-    def _buffer_constants(self, device, batch: int, kv_heads: int, head_dim: int) -> tuple:
-        """Head ids and the (unread) step/zero arguments of the INT8 decode (buffer and sink block): made once per shape.
+    def _int8_constants(self, device, batch: int, kv_heads: int, head_dim: int) -> tuple:
+        """Head ids and the (unread) step/zero arguments of the CPU's INT8 decode (sink and open block): made once per shape.
 
         Allocating them per call cost three kernel launches per decoded token.
         """
@@ -289,6 +289,8 @@ class TurboAttention:
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
         sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read
+        if cache.sink_k is None and cache.buffer_k is None:
+            raise ValueError("cache: expected at least one token (neither a sink block nor an open block)")
         for group in cache.groups:  # the kernels read whole 64-token blocks of codes (V: channel-major per block)
             tensors = group.tensors()  # what decode reads of a group (the torch op passes a stand-in)
             for name, codes in (("k_codes", tensors[0]), ("v_codes", tensors[4])):
@@ -304,30 +306,35 @@ class TurboAttention:
         group_splits = [int(num_splits) or self._auto_splits(q, packed_len, len(group.heads) * group_size)
                         for group in cache.groups]
         # slots [0, S) for the packed 4/2-bit blocks (S: the most splits of a group), then one for the
-        # INT8 sink block, then one for the INT8 buffer. Each split CTA writes its slot (an empty split
-        # the neutral state); heads of a group with fewer splits than S leave slots unwritten, so then
-        # every slot is first marked empty (NEG_BIG, finite: times its zero weight in the merge, 0)
+        # INT8 sink block and one for the INT8 open block (a region the cache lacks: the neutral state).
+        # Each split CTA writes its slot (an empty split the neutral state); heads of a group with fewer
+        # splits than S leave slots unwritten, so then every slot is first marked empty (NEG_BIG,
+        # finite: times its zero weight in the merge, 0)
         split_slots = max(group_splits, default=0)
-        sink_slot = split_slots
-        buffer_slot = sink_slot + (cache.sink_k is not None)
-        slots = buffer_slot + (cache.buffer_k is not None)
-        q8, q_scale, partial_states, o_part, m_part, l_part = self._decode_workspace(q, slots)
+        int8_slot = split_slots
+        q8, q_scale, partial_states, o_part, m_part, l_part = self._decode_workspace(q, split_slots + 2)
         if len(set(group_splits)) > 1:
             partial_states.fill_(NEG_BIG)
-        q8, q_scale = self._quantize_query(q, dtype, cache.k_factor, q8, q_scale)
+        # the INT8 regions (sink, open block); an absent one is read as 0 tokens of the other's tensors
+        sink = (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale)
+        open_block = (cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale)
+        regions = ((sink if sink[0] is not None else open_block, sink_len),
+                   (open_block if open_block[0] is not None else sink, cache.length - cache.compressed_len))
+        if self.device_type == "cuda":  # first: it writes q8 and q_scale for the group launches
+            self.kernels[names.decode_int8_name(d, dtype)](
+                q, cache.k_factor, q8, q_scale, *regions[0][0], *regions[1][0], o_part, m_part, l_part, scale,
+                int8_slot, regions[0][1], regions[1][1])
+        else:
+            q8, q_scale = self.quantize(q, dtype, balance=cache.k_factor)
         for group, splits in zip(cache.groups, group_splits):
             self.kernels[names.decode_split_name(d, group.bits)](
                 q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, splits, 0, packed_len)
-        int8_regions = ((cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale, sink_slot, sink_len),
-                        (cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale, buffer_slot,
-                         cache.length - cache.compressed_len))
-        for k8, k8_scale, v8, v8_scale, slot, tokens in int8_regions:
-            if k8 is None:
-                continue
-            heads, unused_step, unused_zero = self._buffer_constants(q.device, b, cache.num_kv_heads, d)
-            self.kernels[names.decode_split_name(d, 8)](
-                q8, q_scale, heads, k8, unused_step, unused_zero, k8_scale, v8, unused_step, unused_zero, v8_scale,
-                o_part, m_part, l_part, scale, group_size, 1, slot, tokens)
+        if self.device_type != "cuda":
+            heads, unused_step, unused_zero = self._int8_constants(q.device, b, cache.num_kv_heads, d)
+            for slot, ((k8, k8_scale, v8, v8_scale), tokens) in enumerate(regions, int8_slot):
+                self.kernels[names.decode_split_name(d, 8)](
+                    q8, q_scale, heads, k8, unused_step, unused_zero, k8_scale, v8, unused_step, unused_zero, v8_scale,
+                    o_part, m_part, l_part, scale, group_size, 1, slot, tokens)
         out = torch.empty_like(q)
         self.kernels[names.decode_merge_name(d, dtype)](o_part, m_part, l_part, out)
         return out.numpy() if was_numpy else out

@@ -17,7 +17,8 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 #: Version of what the Python side and the kernels agree on: kernel names, arguments and the cache's
 #: data layouts. Exported modules record it; one built for another version is refused on load.
 #: 2: V codes channel-major per 64-token block; compress/decompress per tensor (compress_k_b4, ...).
-KERNEL_ABI = 2
+#: 3: CUDA: decode_int8_d{D}_{dtype} (q's quantization, sink and open blocks) replaces decode_split_b8_d{D}.
+KERNEL_ABI = 3
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ def decode_split_name(head_dim: int, bits: int) -> str:
     return f"decode_split_b{bits}_d{head_dim}"
 
 
+def decode_int8_name(head_dim: int, dtype: str) -> str:
+    """CUDA only: q's quantization and the INT8 sink and open blocks of a decode step, one launch."""
+    return f"decode_int8_d{head_dim}_{dtype}"
+
+
 def decode_merge_name(head_dim: int, dtype: str) -> str:
     return f"decode_merge_d{head_dim}_{dtype}"
 
@@ -131,14 +137,15 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> Kerne
                 for causal in (False, True):
                     funcs[prefill_name(d, causal, dtype)] = prefill.prefill(d, causal, dtype)
             if target_kind == "cuda":
+                hand_mapped[decode_int8_name(d, dtype)] = decode_cuda.decode_int8_cuda(d, dtype)
                 hand_mapped[decode_merge_name(d, dtype)] = decode_cuda.decode_merge_cuda(d, dtype)
             else:
                 funcs[decode_merge_name(d, dtype)] = decode.decode_merge(d, dtype)
-        for bits in CACHE_BITS + (8,):
-            if target_kind == "cuda":
-                hand_mapped[decode_split_name(d, bits)] = (decode_cuda.decode_split_cuda(d, bits) if bits == 8
-                                                           else decode_cuda.decode_split_packed(d, bits))
-            else:
+        if target_kind == "cuda":  # the INT8 tokens: decode_int8 above
+            for bits in CACHE_BITS:
+                hand_mapped[decode_split_name(d, bits)] = decode_cuda.decode_split_packed(d, bits)
+        else:
+            for bits in CACHE_BITS + (8,):
                 funcs[decode_split_name(d, bits)] = decode.decode_split(d, bits)
     funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}
     funcs.update({name: f.with_attr("global_symbol", name).with_attr(HAND_MAPPED, True)

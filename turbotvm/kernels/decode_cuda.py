@@ -1,15 +1,14 @@
 """Decode over the compressed cache on CUDA: the math of ``decode.py``, mapped by hand onto a CTA.
 
-Same signatures and results as ``decode_split`` / ``decode_merge`` (checked against
-turbotvm.reference), written at thread level like MLC-LLM's decode kernels because decode is
-bandwidth-bound and the one-thread-per-tile SIMT rule cannot read the cache at speed.
+The results of ``decode_split`` / ``decode_merge`` (checked against turbotvm.reference), written
+at thread level like MLC-LLM's decode kernels because decode is bandwidth-bound and the
+one-thread-per-tile SIMT rule cannot read the cache at speed.
 A CTA of 128 threads owns one (split, batch, query head) and walks its 64-token tiles.
 
-* ``decode_split_packed`` (2/4-bit groups) computes on the packed codes, never expanding them.
-* ``decode_split_cuda`` (the INT8 buffer of recent tokens) stages K rows and V transposed
-  ([D][64 tokens]) in shared memory; Q·Kᵀ: two threads per token, ``__dp4a`` over half the
-  channels each, summed by a shuffle; SAS online softmax over the tile (block max through shared
-  memory), P codes packed 4 per word; P·V: thread d does ``__dp4a`` of the P words with its V row.
+* ``decode_int8_cuda``, the step's first launch, quantizes q (for every launch of the step) and
+  attends to the INT8 tokens: the sink block and the open block, one state slot each.
+* ``decode_split_packed`` (2/4-bit groups) computes on the packed codes, never expanding them;
+  same signature as ``decode_split``.
 * ``decode_merge_cuda`` combines the split states."""
 
 from tvm.script import tirx as T
@@ -62,12 +61,19 @@ def cta_ids(ids, tx, by, split, heads, HG, group_size, num_splits, length):
     T.tvm_storage_sync("shared")
 
 
-def decode_split_cuda(head_dim: int, bits: int):
-    """decode_split for the INT8 buffer of recent tokens (bits = 8): stages rows in shared memory.
+def decode_int8_cuda(head_dim: int, in_dtype: str):
+    """The INT8 tokens of a decode step, and q's quantization, in one launch (was three).
 
-    Packed 2/4-bit groups go through ``decode_split_packed``, which never expands.
+    One CTA per (region, batch, query head): region 0 is the sink block, region 1 the open block (the
+    buffer of recent tokens), each at most one 64-token tile; a region of length 0 writes the neutral
+    state. Every CTA quantizes its head's q (balanced by K's factor: the math of quantize_rows
+    'balanced', bit for bit), and region 0's CTA writes q8 and q_scale for the packed groups' split
+    kernels, launched after this one.
+    A tile: K rows staged in shared memory and V transposed ([D][64 tokens]); Q·Kᵀ: two threads per
+    token, ``__dp4a`` over half the channels each, summed by a shuffle; SAS online softmax over the
+    tile (block max through shared memory), P codes packed 4 per word; P·V: thread d does ``__dp4a``
+    of the P words with its V row.
     """
-    assert bits == 8, "2/4-bit groups: decode_split_packed"
     D = head_dim
     DW = D // 4
     K_STRIDE = DW + 4  # words per K row in shared memory (padding: conflict-free 16-byte reads)
@@ -76,39 +82,46 @@ def decode_split_cuda(head_dim: int, bits: int):
     K_WORDS = BK * DW // THREADS  # K words per thread per tile
     V_ITEMS = D * (BK // 4) // THREADS  # (channel, 4 tokens) items per thread per tile
     HALF_WORDS = DW // 2  # K words each of a token's two threads multiplies
+    assert D <= THREADS
 
     @T.prim_func(s_tir=True)
-    def decode_split_func(q_h: T.handle, q_scale_h: T.handle, heads_h: T.handle,
-                          k_codes_h: T.handle, k_step_h: T.handle, k_zero_h: T.handle, k_scale_h: T.handle,
-                          v_codes_h: T.handle, v_step_h: T.handle, v_zero_h: T.handle, v_scale_h: T.handle,
-                          o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle,
-                          sm_scale: T.float32, group_size: T.int32, num_splits: T.int32, slot_offset: T.int32,
-                          length: T.int32):
-        B, H, HG, L, NB, NP, S = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(q_h, (B, H, 1, D), "int8")
+    def decode_int8_func(q_h: T.handle, k_factor_h: T.handle, q8_h: T.handle, q_scale_h: T.handle,
+                         sink_k_h: T.handle, sink_k_scale_h: T.handle, sink_v_h: T.handle, sink_v_scale_h: T.handle,
+                         open_k_h: T.handle, open_k_scale_h: T.handle, open_v_h: T.handle, open_v_scale_h: T.handle,
+                         o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle,
+                         sm_scale: T.float32, slot_offset: T.int32, sink_len: T.int32, open_len: T.int32):
+        B, H, HKV, LS, NS, LO, NO, S = (T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(),
+                                        T.int32())
+        q = T.match_buffer(q_h, (B, H, 1, D), in_dtype)
+        k_factor = T.match_buffer(k_factor_h, (B, HKV, D), "float32")
+        q8 = T.match_buffer(q8_h, (B, H, 1, D), "int8")
         q_scale = T.match_buffer(q_scale_h, (B, H, 1), "float32")
-        heads = T.match_buffer(heads_h, (HG,), "int32")
-        k_codes = T.match_buffer(k_codes_h, (B, HG, L, D), "int8")
-        k_step = T.match_buffer(k_step_h, (B, HG, NP, D), "uint8")  # placeholders: the INT8 buffer has none
-        k_zero = T.match_buffer(k_zero_h, (B, HG, NP, D), "int8")
-        k_scale = T.match_buffer(k_scale_h, (B, HG, NB), "float32")
-        v_codes = T.match_buffer(v_codes_h, (B, HG, L, D), "int8")
-        v_step = T.match_buffer(v_step_h, (B, HG, NP, D), "uint8")
-        v_zero = T.match_buffer(v_zero_h, (B, HG, NP, D), "int8")
-        v_scale = T.match_buffer(v_scale_h, (B, HG, NB), "float32")
+        sink_k = T.match_buffer(sink_k_h, (B, HKV, LS, D), "int8")
+        sink_k_scale = T.match_buffer(sink_k_scale_h, (B, HKV, NS), "float32")
+        sink_v = T.match_buffer(sink_v_h, (B, HKV, LS, D), "int8")
+        sink_v_scale = T.match_buffer(sink_v_scale_h, (B, HKV, NS), "float32")
+        open_k = T.match_buffer(open_k_h, (B, HKV, LO, D), "int8")
+        open_k_scale = T.match_buffer(open_k_scale_h, (B, HKV, NO), "float32")
+        open_v = T.match_buffer(open_v_h, (B, HKV, LO, D), "int8")
+        open_v_scale = T.match_buffer(open_v_scale_h, (B, HKV, NO), "float32")
         o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
         m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
         l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
-        q_w = T.decl_buffer((B, H, DW), "int32", data=q.data)
-        k_w = T.decl_buffer((B, HG, L, DW), "int32", data=k_codes.data)
-        for split in T.thread_binding(num_splits, thread="blockIdx.x"):
-            for by in T.thread_binding(B * HG * group_size, thread="blockIdx.y"):
+        q8_w = T.decl_buffer((B, H, DW), "int32", data=q8.data)
+        sink_kw = T.decl_buffer((B, HKV, LS, DW), "int32", data=sink_k.data)
+        open_kw = T.decl_buffer((B, HKV, LO, DW), "int32", data=open_k.data)
+        for region in T.thread_binding(2, thread="blockIdx.x"):
+            for bh in T.thread_binding(B * H, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    with T.sblock("decode_tile"):
-                        T.reads(q_w[0:B, 0:H, 0:DW], q_scale[0:B, 0:H, 0], heads[0:HG],
-                                k_w[0:B, 0:HG, 0:L, 0:DW], k_scale[0:B, 0:HG, 0:NB],
-                                v_codes[0:B, 0:HG, 0:L, 0:D], v_scale[0:B, 0:HG, 0:NB])
-                        T.writes(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
+                    with T.sblock("decode_int8"):
+                        T.reads(q[0:B, 0:H, 0, 0:D], k_factor[0:B, 0:HKV, 0:D],
+                                sink_kw[0:B, 0:HKV, 0:LS, 0:DW], sink_k_scale[0:B, 0:HKV, 0:NS],
+                                sink_v[0:B, 0:HKV, 0:LS, 0:D], sink_v_scale[0:B, 0:HKV, 0:NS],
+                                open_kw[0:B, 0:HKV, 0:LO, 0:DW], open_k_scale[0:B, 0:HKV, 0:NO],
+                                open_v[0:B, 0:HKV, 0:LO, 0:D], open_v_scale[0:B, 0:HKV, 0:NO])
+                        T.writes(q8_w[0:B, 0:H, 0:DW], q_scale[0:B, 0:H, 0],
+                                 o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
+                        q_words = T.sblock_alloc_buffer((DW,), "int32", scope="shared")
                         k_tile = T.sblock_alloc_buffer((BK * K_STRIDE,), "int32", scope="shared")
                         v_tile = T.sblock_alloc_buffer((D * V_STRIDE,), "int32", scope="shared")
                         p_words = T.sblock_alloc_buffer((BK // 4,), "int32", scope="shared")
@@ -118,44 +131,76 @@ def decode_split_cuda(head_dim: int, bits: int):
                         k_vec = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
                         v_vec = T.sblock_alloc_buffer((BK // 4,), "int32", scope="local")
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        # m, l, score, tile max, rescale, P scale, 1 / P scale
-                        st = T.sblock_alloc_buffer((7,), "float32", scope="local")
+                        # m, l, score, tile max, rescale, P scale, 1 / P scale, q' (then q's absmax), q scale
+                        st = T.sblock_alloc_buffer((9,), "float32", scope="local")
                         s_int = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         pv = T.sblock_alloc_buffer((2,), "int32", scope="local")  # P·V, P sum
                         code = T.sblock_alloc_buffer((1,), "int32", scope="local")
 
-                        # batch, KV head, query head and tile range of this CTA, through shared memory:
-                        # as expressions of runtime sizes ptxas would redo their divisions at every use
-                        ids = T.sblock_alloc_buffer((5,), "int32", scope="shared")
-                        cta_ids(ids, tx, by, split, heads, HG, group_size, num_splits, length)
+                        # batch, KV head, query head and the region's length, through shared memory (as
+                        # expressions of runtime sizes ptxas would redo their divisions at every use)
+                        ids = T.sblock_alloc_buffer((4,), "int32", scope="shared")
+                        if tx == 0:
+                            ids[0] = T.truncdiv(bh, H)
+                            ids[1] = T.truncdiv(T.truncmod(bh, H), T.truncdiv(H, HKV))
+                            ids[2] = T.truncmod(bh, H)
+                            ids[3] = T.if_then_else(region == 0, sink_len, open_len)
+                        T.tvm_storage_sync("shared")
                         b: T.let[T.int32] = ids[0]
                         g: T.let[T.int32] = ids[1]
                         hq: T.let[T.int32] = ids[2]
-                        first: T.let[T.int32] = ids[3]
-                        last: T.let[T.int32] = ids[4]
+                        length: T.let[T.int32] = ids[3]
                         token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
                         half: T.let[T.int32] = tx % 2
 
-                        for i in T.unroll(HALF_WORDS):
-                            q_frag[i] = q_w[b, hq, half * HALF_WORDS + i]
-                        if tx < len(SAS_TABLE):  # ordered before its first read by the tile loop's first barrier
+                        # ---- q' = q · K's factor (channel tx), to INT8 by the absmax over its channels
+                        st[7] = T.if_then_else(tx < D, T.Cast("float32", q[b, hq, 0, tx % D]) * k_factor[b, g, tx % D],
+                                               T.float32(0))
+                        st[8] = T.cuda.warp_reduce(T.abs(st[7]), "max", 32)
+                        if tx % 32 == 0:
+                            warp_max[tx // 32] = st[8]
+                        if tx < len(SAS_TABLE):  # ordered before its first read by the tile loop's barriers
                             sas_table[tx] = sas_table_entry(tx)
+                        T.tvm_storage_sync("shared")
+                        st[8] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
+                        st[8] = T.Select(st[8] > T.float32(0), st[8], T.float32(1))
+                        code[0] = T.Cast("int32", T.min(T.max(T.nearbyint(st[7] * (T.float32(INT8_MAX) / st[8])),
+                                                              T.float32(-INT8_MAX)), T.float32(INT8_MAX)))
+                        st[8] = st[8] / T.float32(INT8_MAX)
+                        # channels 4j..4j+3 sit on lanes 4j..4j+3: gather one word
+                        q_word_of_lane: T.let[T.int32] = _pack4(
+                            code[0], T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 1, 32, 32),
+                            T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 2, 32, 32),
+                            T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 3, 32, 32))
+                        if tx % 4 == 0 and tx < D:
+                            q_words[tx // 4] = q_word_of_lane
+                            if region == 0:
+                                q8_w[b, hq, tx // 4] = q_word_of_lane
+                        if tx == 0 and region == 0:
+                            q_scale[b, hq, 0] = st[8]
+                        T.tvm_storage_sync("shared")
+                        for i in T.unroll(HALF_WORDS):
+                            q_frag[i] = q_words[half * HALF_WORDS + i]
+
                         st[0] = T.float32(NEG_BIG)
                         st[1] = T.float32(0)
                         acc[0] = T.float32(0)
-                        for kt in T.serial(last - first):
+                        for kt in T.serial(T.ceildiv(length, BK)):
                             T.tvm_storage_sync("shared")
                             # ---- K rows as they are (4 codes per word), V transposed to [D][64 tokens]
                             for w in T.unroll(K_WORDS):
                                 k_tile[(w * THREADS + tx) // DW * K_STRIDE + tx % DW] = T.if_then_else(
-                                    (first + kt) * BK + (w * THREADS + tx) // DW < length,
-                                    k_w[b, g, (first + kt) * BK + (w * THREADS + tx) // DW, tx % DW], 0)
+                                    kt * BK + (w * THREADS + tx) // DW < length,
+                                    T.if_then_else(region == 0, sink_kw[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW],
+                                                   open_kw[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW]), 0)
                             for it in T.unroll(V_ITEMS):
                                 v_tile[(tx % D) * V_STRIDE + (it * THREADS + tx) // D] = _pack4(*[
                                     T.if_then_else(
-                                        (first + kt) * BK + (it * THREADS + tx) // D * 4 + j < length,
-                                        T.Cast("int32", v_codes[b, g, (first + kt) * BK + (it * THREADS + tx) // D * 4 + j,
-                                                                tx % D]), 0) for j in range(4)])
+                                        kt * BK + (it * THREADS + tx) // D * 4 + j < length,
+                                        T.Cast("int32", T.if_then_else(
+                                            region == 0, sink_v[b, g, kt * BK + (it * THREADS + tx) // D * 4 + j, tx % D],
+                                            open_v[b, g, kt * BK + (it * THREADS + tx) // D * 4 + j, tx % D])), 0)
+                                    for j in range(4)])
                             T.tvm_storage_sync("shared")
 
                             # ---- score of token tx // 2 (both threads of the pair hold it)
@@ -166,9 +211,11 @@ def decode_split_cuda(head_dim: int, bits: int):
                             for i in T.unroll(HALF_WORDS):
                                 s_int[0] = _dp4a(q_frag[i], k_vec[i], s_int[0])
                             s_int[0] = s_int[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_int[0], 1, 32, 32)
-                            st[2] = T.if_then_else((first + kt) * BK + token < length,
-                                                   T.Cast("float32", s_int[0]) * q_scale[b, hq, 0]
-                                                   * k_scale[b, g, first + kt] * sm_scale, T.float32(NEG_BIG))
+                            st[2] = T.if_then_else(
+                                kt * BK + token < length,
+                                T.Cast("float32", s_int[0]) * st[8]
+                                * T.if_then_else(region == 0, sink_k_scale[b, g, kt], open_k_scale[b, g, kt]) * sm_scale,
+                                T.float32(NEG_BIG))
                             st[3] = T.cuda.warp_reduce(st[2], "max", 32)
                             if tx % 32 == 0:
                                 warp_max[tx // 32] = st[3]
@@ -201,15 +248,16 @@ def decode_split_cuda(head_dim: int, bits: int):
                                 for i in T.unroll(BK // 4):
                                     pv[0] = _dp4a(p_words[i], v_vec[i], pv[0])
                                     pv[1] = _dp4a(p_words[i], 0x01010101, pv[1])
-                                acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, first + kt] * T.Cast("float32", pv[0])
+                                acc[0] = acc[0] * st[4] + st[5] * T.if_then_else(
+                                    region == 0, sink_v_scale[b, g, kt], open_v_scale[b, g, kt]) * T.Cast("float32", pv[0])
                                 st[1] = st[1] * st[4] + st[5] * T.Cast("float32", pv[1])
                         if tx < D:
-                            o_part[b, hq, slot_offset + split, tx] = acc[0]
+                            o_part[b, hq, slot_offset + region, tx] = acc[0]
                         if tx == 0:
-                            m_part[b, hq, slot_offset + split] = st[0]
-                            l_part[b, hq, slot_offset + split] = st[1]
+                            m_part[b, hq, slot_offset + region] = st[0]
+                            l_part[b, hq, slot_offset + region] = st[1]
 
-    return decode_split_func
+    return decode_int8_func
 
 
 MERGE_SLOT_GROUPS = 4  # merge: warps per channel group, each summing every 4th split

@@ -66,8 +66,8 @@ def _cuda_families() -> dict:
                                         lambda m: (m[1], int(m[2]), "plain", True)),
         "decode_split_packed": HandMappedFamily(r"decode_split_b([24])_d(\d+)", decode_cuda.decode_split_packed,
                                                 lambda m: (int(m[2]), int(m[1])), knobs={"prefetch": (0, 1)}),
-        "decode_split_cuda": HandMappedFamily(r"decode_split_b(8)_d(\d+)", decode_cuda.decode_split_cuda,
-                                              lambda m: (int(m[2]), int(m[1]))),
+        "decode_int8_cuda": HandMappedFamily(r"decode_int8_d(\d+)_(\w+)", decode_cuda.decode_int8_cuda,
+                                             lambda m: (int(m[1]), m[2])),
         "decode_merge_cuda": HandMappedFamily(r"decode_merge_d(\d+)_(\w+)", decode_cuda.decode_merge_cuda,
                                               lambda m: (int(m[1]), m[2])),
     }
