@@ -17,6 +17,7 @@ if [[ $WHAT == all || $WHAT == decode ]]; then
   # H=32, L=32K, with the split counts the runtime picks on 132 SMs (about 8 CTAs per SM)
   kernels=decode_split_b4_d64,decode_split_b4_d128,decode_split_b2_d64,decode_split_b2_d128
   tune --kernels decode --batch 1 --seq-len 32768 --heads 32 --kv-heads 32 --splits 33 --trials 2 --only $kernels
+  # B=16 (over 250 s of device time): not re-run for the shipped log of 2026-12-03, which holds the B=1 bucket
   tune --kernels decode --batch 16 --seq-len 32768 --heads 32 --kv-heads 32 --splits 2 --trials 2 --only $kernels
 fi
 # shipped compressed (whole kernels, ~0.5 MB each; lookup reads the .xz, tuning expands it to resume)

@@ -175,12 +175,22 @@ def test_decode_workspace_reuse_is_ordered(cuda_runtime, rng):
         assert cosine(f64(out), exp) >= 0.9999
 
 
+def reference_per_group(turbo, q, cache, k, v) -> dict:
+    """The float64 reference decode of ``cache``'s K/V (as appended) at each bit width's split count (the
+    runtime picks one per launch), by bits; compare each group's heads to its entry."""
+    reference = ref.build_cache(f64(k), f64(v), cache.head_bits)
+    group_size = q.shape[1] // len(cache.head_bits)
+    return {bits: ref.turbo_decode(f64(q), reference, num_splits=turbo._auto_splits(
+        q, cache.packed_len, cache.head_bits.count(bits) * group_size)) for bits in set(cache.head_bits)}
+
+
 def test_decode_replays_in_a_cuda_graph(cuda_runtime, rng):
     """A decode step captured in a CUDA graph (as serving engines run it) replays with new query values
     and gives exactly the eager result: no host sync, allocation or stream switch escapes capture."""
     _, k, v = realistic_qkv(rng, 2, 8, 4, 1, 3000, 128)
     cache = TurboKVCache(head_bits=[4, 2, 4, 4])
-    cache.append(*on_cuda((k, v), torch.float16))
+    k16, v16 = on_cuda((k, v), torch.float16)
+    cache.append(k16, v16)
     static_q = torch.zeros((2, 8, 1, 128), device="cuda", dtype=torch.float16)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -195,4 +205,8 @@ def test_decode_replays_in_a_cuda_graph(cuda_runtime, rng):
         static_q.copy_(q)
         graph.replay()
         torch.testing.assert_close(static_out, turbo_decode(q, cache), rtol=0, atol=0)
-        assert cosine(f64(static_out), ref.exact_attention(f64(q), k, v)) >= 0.98
+        # vs the float64 reference of the same algorithm (exact attention is no bound: with a 2-bit KV head
+        # and random queries the reference itself falls below 0.96 for some draws), per bit width's splits
+        for bits, expected in reference_per_group(cuda_runtime, q, cache, k16, v16).items():
+            heads = [h for h in range(8) if cache.head_bits[h // 2] == bits]
+            assert cosine(f64(static_out)[:, heads], expected[:, heads]) >= 0.9995  # fp16 output
