@@ -23,7 +23,8 @@ def test_cuda_source_has_every_kernel(cuda_source):
     _, source = cuda_source
     for name in ("prefill_tc_causal_d128_float16", "prefill_tc_full_d64_float16", "quantize_vt_float16_d128",
                  "quantize_rows_smoothed_float16_d64", "decode_split_b4_d128", "decode_split_b2_d64",
-                 "decode_int8_d64_float16", "decode_merge_d128_float16", "compress_v_b2", "quantize_smoothed_float16", "channel_smoothing_float16"):
+                 "decode_int8_d64_float16", "decode_merge_d128_float16", "compress_v_b2", "quantize_smoothed_float16",
+                 "channel_smoothing_float16"):
         assert f"{name}_kernel" in source, name
 
 
