@@ -324,17 +324,16 @@ class TurboAttention:
             self.kernels[names.decode_int8_name(d, dtype)](
                 q, cache.k_factor, q8, q_scale, *regions[0][0], *regions[1][0], o_part, m_part, l_part, scale,
                 int8_slot, regions[0][1], regions[1][1])
-        else:
-            q8, q_scale = self.quantize(q, dtype, balance=cache.k_factor)
-        for group, splits in zip(cache.groups, group_splits):
-            self.kernels[names.decode_split_name(d, group.bits)](
-                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, splits, 0, packed_len)
-        if self.device_type != "cuda":
+        else:  # the generic kernels: q's quantization, then each INT8 region as a one-split group
+            q8, q_scale = self._quantize_query(q, dtype, cache.k_factor)
             heads, unused_step, unused_zero = self._int8_constants(q.device, b, cache.num_kv_heads, d)
             for slot, ((k8, k8_scale, v8, v8_scale), tokens) in enumerate(regions, int8_slot):
                 self.kernels[names.decode_split_name(d, 8)](
                     q8, q_scale, heads, k8, unused_step, unused_zero, k8_scale, v8, unused_step, unused_zero, v8_scale,
                     o_part, m_part, l_part, scale, group_size, 1, slot, tokens)
+        for group, splits in zip(cache.groups, group_splits):
+            self.kernels[names.decode_split_name(d, group.bits)](
+                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, splits, 0, packed_len)
         out = torch.empty_like(q)
         self.kernels[names.decode_merge_name(d, dtype)](o_part, m_part, l_part, out)
         return out.numpy() if was_numpy else out

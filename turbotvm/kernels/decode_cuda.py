@@ -15,6 +15,7 @@ from tvm.script import tirx as T
 
 from ..algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK
 from .kv_compress import GROUPS_PER_BLOCK
+from .quantize import int8_level
 from .sas import NEG_BIG, SAS_TABLE, sas_exp, sas_exp_from_table, sas_table_entry
 
 BK = QUANT_BLOCK
@@ -47,6 +48,11 @@ def _pack4(b0, b1, b2, b3):
     """Four int32 values in -128..127 packed as the bytes of one word (little end first)."""
     return (T.bitwise_and(b0, 255) | T.shift_left(T.bitwise_and(b1, 255), 8)
             | T.shift_left(T.bitwise_and(b2, 255), 16) | T.shift_left(b3, 24))
+
+
+def _lane_word(x, stride):
+    """x of this lane and of the lanes stride, 2 stride and 3 stride above it, packed as one word."""
+    return _pack4(x, *[T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), x, k * stride, 32, 32) for k in (1, 2, 3)])
 
 
 @T.macro
@@ -164,14 +170,10 @@ def decode_int8_cuda(head_dim: int, in_dtype: str):
                         T.tvm_storage_sync("shared")
                         st[8] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
                         st[8] = T.Select(st[8] > T.float32(0), st[8], T.float32(1))
-                        code[0] = T.Cast("int32", T.min(T.max(T.nearbyint(st[7] * (T.float32(INT8_MAX) / st[8])),
-                                                              T.float32(-INT8_MAX)), T.float32(INT8_MAX)))
+                        code[0] = T.Cast("int32", int8_level(st[7], T.float32(INT8_MAX) / st[8]))
                         st[8] = st[8] / T.float32(INT8_MAX)
                         # channels 4j..4j+3 sit on lanes 4j..4j+3: gather one word
-                        q_word_of_lane: T.let[T.int32] = _pack4(
-                            code[0], T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 1, 32, 32),
-                            T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 2, 32, 32),
-                            T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 3, 32, 32))
+                        q_word_of_lane: T.let[T.int32] = _lane_word(code[0], 1)
                         if tx % 4 == 0 and tx < D:
                             q_words[tx // 4] = q_word_of_lane
                             if region == 0:
@@ -231,10 +233,7 @@ def decode_int8_cuda(head_dim: int, in_dtype: str):
                                                       T.float32(INT8_MAX))),
                                 0)
                             # tokens 4j..4j+3 sit on lanes 8j, +2, +4, +6: gather and store one word
-                            p_word_of_lane: T.let[T.int32] = _pack4(
-                                code[0], T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 2, 32, 32),
-                                T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 4, 32, 32),
-                                T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), code[0], 6, 32, 32))
+                            p_word_of_lane: T.let[T.int32] = _lane_word(code[0], 2)
                             if tx % 8 == 0:
                                 p_words[tx // 8] = p_word_of_lane
                             T.tvm_storage_sync("shared")

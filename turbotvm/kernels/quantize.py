@@ -53,6 +53,12 @@ def channel_smoothing(in_dtype: str):
     return channel_smoothing_func
 
 
+def int8_level(value, inv):
+    """FlashQ's INT8 level of x' (times 1 / scale), as float32: round half even, clipped to ±127. Every
+    kernel that quantizes to INT8 rounds through this, so their codes agree bit for bit."""
+    return T.min(T.max(T.nearbyint(value * inv), T.float32(-INT8_MAX)), T.float32(INT8_MAX))
+
+
 def _prepared(x, mean, factor, b, h, t, d, group):
     """x[b, h, t, d] as the mode wants it: (x - mean) / factor, x * factor[KV head], or x."""
     value = T.Cast("float32", x[b, h, t, d])
@@ -97,12 +103,8 @@ def quantize_int8(in_dtype: str, mode: str = "plain"):
                     with T.sblock("round"):
                         vt, vd = T.axis.remap("SS", [t, d])
                         T.where(vblk * BLK + t < N)
-                        codes[vb, vh, vblk * BLK + vt, vd] = T.Cast(
-                            "int8",
-                            T.min(T.max(T.nearbyint(
-                                _prepared(x, mean, factor, vb, vh, vblk * BLK + vt, vd, group) * inv[0]),
-                                T.float32(-INT8_MAX)), T.float32(INT8_MAX)),
-                        )
+                        codes[vb, vh, vblk * BLK + vt, vd] = T.Cast("int8", int8_level(
+                            _prepared(x, mean, factor, vb, vh, vblk * BLK + vt, vd, group), inv[0]))
 
     if mode == "smoothed":
 

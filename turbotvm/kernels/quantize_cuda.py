@@ -10,7 +10,7 @@ with each tile's keys in the P-fragment order of ``prefill_tc.key_position`` (ze
 from tvm.script import tirx as T
 
 from ..algorithm import INT8_MAX, QUANT_BLOCK
-from .quantize import QUANTIZE_MODES, balance_factor
+from .quantize import QUANTIZE_MODES, balance_factor, int8_level
 
 BLK = QUANT_BLOCK
 THREADS = 128
@@ -40,7 +40,7 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
         return value
 
     def code(value, inv):
-        return T.Cast("int8", T.min(T.max(T.nearbyint(value * inv), T.float32(-INT8_MAX)), T.float32(INT8_MAX)))
+        return T.Cast("int8", int8_level(value, inv))
 
     @T.macro
     def body(x, mean, factor, codes, scale, B, H, N, NB, NC, group):
