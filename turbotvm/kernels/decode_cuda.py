@@ -83,12 +83,22 @@ def decode_int8_cuda(head_dim: int, in_dtype: str):
     D = head_dim
     DW = D // 4
     K_STRIDE = DW + 4  # words per K row in shared memory (padding: conflict-free 16-byte reads)
-    # words per V^T row: odd, because a warp's transposing stores hit rows 2 apart
+    # words per V^T row: odd, so that P·V's threads (one row each) read without bank conflicts
     V_STRIDE = BK // 4 + 1
-    K_WORDS = BK * DW // THREADS  # K words per thread per tile
-    V_ITEMS = D * (BK // 4) // THREADS  # (channel, 4 tokens) items per thread per tile
+    ROW_WORDS = BK * DW // THREADS  # K words, and V words, per thread per tile
     HALF_WORDS = DW // 2  # K words each of a token's two threads multiplies
     assert D <= THREADS
+
+    @T.macro
+    def load_rows(k_w, v_w, k_reg, v_reg, b, g, kt, tx, length):
+        """Tile kt's K and V rows as words to registers (tokens past ``length`` read as 0): all loads of
+        the tile issued together, so the CTA waits for global memory once (byte loads of V, packed as
+        they came, waited ~10 times)."""
+        for w in T.unroll(ROW_WORDS):
+            k_reg[w] = T.if_then_else(kt * BK + (w * THREADS + tx) // DW < length,
+                                      k_w[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW], 0)
+            v_reg[w] = T.if_then_else(kt * BK + (w * THREADS + tx) // DW < length,
+                                      v_w[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW], 0)
 
     @T.prim_func(s_tir=True)
     def decode_int8_func(q_h: T.handle, k_factor_h: T.handle, q8_h: T.handle, q_scale_h: T.handle,
@@ -115,24 +125,29 @@ def decode_int8_cuda(head_dim: int, in_dtype: str):
         l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
         q8_w = T.decl_buffer((B, H, DW), "int32", data=q8.data)
         sink_kw = T.decl_buffer((B, HKV, LS, DW), "int32", data=sink_k.data)
+        sink_vw = T.decl_buffer((B, HKV, LS, DW), "int32", data=sink_v.data)
         open_kw = T.decl_buffer((B, HKV, LO, DW), "int32", data=open_k.data)
+        open_vw = T.decl_buffer((B, HKV, LO, DW), "int32", data=open_v.data)
         for region in T.thread_binding(2, thread="blockIdx.x"):
             for bh in T.thread_binding(B * H, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     with T.sblock("decode_int8"):
                         T.reads(q[0:B, 0:H, 0, 0:D], k_factor[0:B, 0:HKV, 0:D],
                                 sink_kw[0:B, 0:HKV, 0:LS, 0:DW], sink_k_scale[0:B, 0:HKV, 0:NS],
-                                sink_v[0:B, 0:HKV, 0:LS, 0:D], sink_v_scale[0:B, 0:HKV, 0:NS],
+                                sink_vw[0:B, 0:HKV, 0:LS, 0:DW], sink_v_scale[0:B, 0:HKV, 0:NS],
                                 open_kw[0:B, 0:HKV, 0:LO, 0:DW], open_k_scale[0:B, 0:HKV, 0:NO],
-                                open_v[0:B, 0:HKV, 0:LO, 0:D], open_v_scale[0:B, 0:HKV, 0:NO])
+                                open_vw[0:B, 0:HKV, 0:LO, 0:DW], open_v_scale[0:B, 0:HKV, 0:NO])
                         T.writes(q8_w[0:B, 0:H, 0:DW], q_scale[0:B, 0:H, 0],
                                  o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
                         q_words = T.sblock_alloc_buffer((DW,), "int32", scope="shared")
                         k_tile = T.sblock_alloc_buffer((BK * K_STRIDE,), "int32", scope="shared")
                         v_tile = T.sblock_alloc_buffer((D * V_STRIDE,), "int32", scope="shared")
+                        v_tile_bytes = T.decl_buffer((D * V_STRIDE * 4,), "int8", data=v_tile.data, scope="shared")
                         p_words = T.sblock_alloc_buffer((BK // 4,), "int32", scope="shared")
                         sas_table = T.sblock_alloc_buffer((len(SAS_TABLE),), "float32", scope="shared")
                         warp_max = T.sblock_alloc_buffer((WARPS,), "float32", scope="shared")
+                        k_reg = T.sblock_alloc_buffer((ROW_WORDS,), "int32", scope="local")
+                        v_reg = T.sblock_alloc_buffer((ROW_WORDS,), "int32", scope="local")
                         q_frag = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
                         k_vec = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
                         v_vec = T.sblock_alloc_buffer((BK // 4,), "int32", scope="local")
@@ -190,19 +205,15 @@ def decode_int8_cuda(head_dim: int, in_dtype: str):
                         for kt in T.serial(T.ceildiv(length, BK)):
                             T.tvm_storage_sync("shared")
                             # ---- K rows as they are (4 codes per word), V transposed to [D][64 tokens]
-                            for w in T.unroll(K_WORDS):
-                                k_tile[(w * THREADS + tx) // DW * K_STRIDE + tx % DW] = T.if_then_else(
-                                    kt * BK + (w * THREADS + tx) // DW < length,
-                                    T.if_then_else(region == 0, sink_kw[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW],
-                                                   open_kw[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW]), 0)
-                            for it in T.unroll(V_ITEMS):
-                                v_tile[(tx % D) * V_STRIDE + (it * THREADS + tx) // D] = _pack4(*[
-                                    T.if_then_else(
-                                        kt * BK + (it * THREADS + tx) // D * 4 + j < length,
-                                        T.Cast("int32", T.if_then_else(
-                                            region == 0, sink_v[b, g, kt * BK + (it * THREADS + tx) // D * 4 + j, tx % D],
-                                            open_v[b, g, kt * BK + (it * THREADS + tx) // D * 4 + j, tx % D])), 0)
-                                    for j in range(4)])
+                            if region == 0:
+                                load_rows(sink_kw, sink_vw, k_reg, v_reg, b, g, kt, tx, length)
+                            else:
+                                load_rows(open_kw, open_vw, k_reg, v_reg, b, g, kt, tx, length)
+                            for w in T.unroll(ROW_WORDS):
+                                k_tile[(w * THREADS + tx) // DW * K_STRIDE + tx % DW] = k_reg[w]
+                                for j in T.unroll(4):  # byte j of the word: channel 4 * (tx % DW) + j
+                                    v_tile_bytes[(4 * (tx % DW) + j) * V_STRIDE * 4 + (w * THREADS + tx) // DW] = T.Cast(
+                                        "int8", T.shift_right(v_reg[w], 8 * j))
                             T.tvm_storage_sync("shared")
 
                             # ---- score of token tx // 2 (both threads of the pair hold it)
