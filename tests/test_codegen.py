@@ -142,7 +142,7 @@ def test_other_tvm_version_is_refused(exported):
         load(exported)
 
 
-@pytest.mark.parametrize("abi", [None, 1, 2])  # None: an export from before the field (version 1)
+@pytest.mark.parametrize("abi", [None, 1, 2, 3])  # None: an export from before the field (version 1)
 def test_other_kernel_abi_is_refused(exported, abi):
     """Kernels of another ABI take other arguments or cache layouts: used with this Python, they would
     fail on a missing name or, worse, compute on misread codes."""

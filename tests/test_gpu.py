@@ -124,7 +124,7 @@ def test_decode_int8_quantizes_q_as_the_row_kernel(turbo_cuda, rng):
     turbo_cuda.kernels[decode_int8_name(128, "float16")](
         q_cuda, cache.k_factor, q8, q_scale, cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
         cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale, o_part, m_part, l_part,
-        128 ** -0.5, 0, 64, 10)
+        128 ** -0.5, 0, 64, 10, 0)
     assert torch.equal(q8, expected_q8)
     assert torch.equal(q_scale, expected_scale)
 

@@ -308,13 +308,12 @@ class TurboAttention:
         # slots [0, S) for the packed 4/2-bit blocks (S: the most splits of a group), then one for the
         # INT8 sink block and one for the INT8 open block (a region the cache lacks: the neutral state).
         # Each split CTA writes its slot (an empty split the neutral state); heads of a group with fewer
-        # splits than S leave slots unwritten, so then every slot is first marked empty (NEG_BIG,
-        # finite: times its zero weight in the merge, 0)
+        # splits than S leave slots unwritten, so then slots [0, S) are first marked empty (m = NEG_BIG,
+        # finite: its weight in the merge is 0)
         split_slots = max(group_splits, default=0)
         int8_slot = split_slots
         q8, q_scale, partial_states, o_part, m_part, l_part = self._decode_workspace(q, split_slots + 2)
-        if len(set(group_splits)) > 1:
-            partial_states.fill_(NEG_BIG)
+        empty_slots = split_slots if len(set(group_splits)) > 1 else 0
         # the INT8 regions (sink, open block); an absent one is read as 0 tokens of the other's tensors
         sink = (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale)
         open_block = (cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale)
@@ -323,8 +322,10 @@ class TurboAttention:
         if self.device_type == "cuda":  # first: it writes q8 and q_scale for the group launches
             self.kernels[names.decode_int8_name(d, dtype)](
                 q, cache.k_factor, q8, q_scale, *regions[0][0], *regions[1][0], o_part, m_part, l_part, scale,
-                int8_slot, regions[0][1], regions[1][1])
+                int8_slot, regions[0][1], regions[1][1], empty_slots)
         else:  # the generic kernels: q's quantization, then each INT8 region as a one-split group
+            if empty_slots:
+                partial_states.fill_(NEG_BIG)
             q8, q_scale = self._quantize_query(q, dtype, cache.k_factor)
             heads, unused_step, unused_zero = self._int8_constants(q.device, b, cache.num_kv_heads, d)
             for slot, ((k8, k8_scale, v8, v8_scale), tokens) in enumerate(regions, int8_slot):

@@ -18,7 +18,8 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 #: data layouts. Exported modules record it; one built for another version is refused on load.
 #: 2: V codes channel-major per 64-token block; compress/decompress per tensor (compress_k_b4, ...).
 #: 3: CUDA: decode_int8_d{D}_{dtype} (q's quantization, sink and open blocks) replaces decode_split_b8_d{D}.
-KERNEL_ABI = 3
+#: 4: decode_int8 takes empty_slots (it marks the slots a split launch may leave unwritten).
+KERNEL_ABI = 4
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,9 @@ def decode_int8_cuda(head_dim: int, in_dtype: str):
 
     One CTA per (region, batch, query head): region 0 is the sink block, region 1 the open block (the
     buffer of recent tokens), each at most one 64-token tile; a region of length 0 writes the neutral
-    state. Every CTA quantizes its head's q (balanced by K's factor: the math of quantize_rows
+    state. Region 0's CTAs also mark slots [0, empty_slots) empty (the neutral state), for the split
+    launches that follow to overwrite: one with fewer splits than another leaves some unwritten (was a
+    fill launch). Every CTA quantizes its head's q (balanced by K's factor: the math of quantize_rows
     'balanced', bit for bit), and region 0's CTA writes q8 and q_scale for the packed groups' split
     kernels, launched after this one.
     A tile: K rows staged in shared memory and V transposed ([D][64 tokens]); Q·Kᵀ: two threads per
@@ -105,7 +107,8 @@ def decode_int8_cuda(head_dim: int, in_dtype: str):
                          sink_k_h: T.handle, sink_k_scale_h: T.handle, sink_v_h: T.handle, sink_v_scale_h: T.handle,
                          open_k_h: T.handle, open_k_scale_h: T.handle, open_v_h: T.handle, open_v_scale_h: T.handle,
                          o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle,
-                         sm_scale: T.float32, slot_offset: T.int32, sink_len: T.int32, open_len: T.int32):
+                         sm_scale: T.float32, slot_offset: T.int32, sink_len: T.int32, open_len: T.int32,
+                         empty_slots: T.int32):
         B, H, HKV, LS, NS, LO, NO, S = (T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(),
                                         T.int32())
         q = T.match_buffer(q_h, (B, H, 1, D), in_dtype)
@@ -266,6 +269,13 @@ def decode_int8_cuda(head_dim: int, in_dtype: str):
                         if tx == 0:
                             m_part[b, hq, slot_offset + region] = st[0]
                             l_part[b, hq, slot_offset + region] = st[1]
+                        if region == 0:  # slots a split launch with fewer splits than others leaves unwritten
+                            for s in T.serial(empty_slots):
+                                if tx < D:
+                                    o_part[b, hq, s, tx] = T.float32(0)
+                                if tx == 0:
+                                    m_part[b, hq, s] = T.float32(NEG_BIG)
+                                    l_part[b, hq, s] = T.float32(0)
 
     return decode_int8_func
 
