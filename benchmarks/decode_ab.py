@@ -35,11 +35,14 @@ def load_module(path: Path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("other", type=Path, help="another decode_cuda.py")
-    parser.add_argument("--prefetch", type=int, default=0, choices=(0, 1))
+    parser.add_argument("--other-arg", type=int, default=0, help="the other kernel's third argument (a knob)")
+    parser.add_argument("--this-args", default="0", help="this tree's kernel's third argument(s), comma-separated")
     args = parser.parse_args(argv)
     arch = {"kind": "cuda", "arch": "sm_%d%d" % torch.cuda.get_device_capability()}
     target = tvm.target.Target(arch)
-    variants = {"other": load_module(args.other), "this": decode_cuda}
+    variants = {"other": (load_module(args.other), args.other_arg)}
+    for arg in map(int, args.this_args.split(",")):
+        variants[f"this({arg})"] = (decode_cuda, arg)
     turbo = TurboAttention.build(arch, head_dims=(64, 128), dtypes=("float16",))
     torch.manual_seed(0)
     for b, h, length, d in SHAPES:
@@ -51,8 +54,8 @@ def main(argv=None):
             q8, q_scale = turbo._quantize_query(q, "float16", cache.k_factor)
             group = cache.groups[0]
             line, states = f"B{b} H{h} L{length} D{d} {bits}-bit, {splits} splits:", {}
-            for name, module in variants.items():
-                func = module.decode_split_packed(d, bits, args.prefetch).with_attr("global_symbol", "split")
+            for name, (module, arg) in variants.items():
+                func = module.decode_split_packed(d, bits, arg).with_attr("global_symbol", "split")
                 kernel = tvm.compile(tvm.IRModule({"split": func}), target=target)["split"]
                 state = (torch.zeros((b, h, splits, d), device="cuda"), torch.full((b, h, splits), NEG_BIG, device="cuda"),
                          torch.zeros((b, h, splits), device="cuda"))
@@ -60,7 +63,7 @@ def main(argv=None):
                                               cache.packed_len))
                 states[name] = state
                 line += f" | {name} {ms * 1000:.1f} us, {cache.nbytes() / ms / 1e6:.0f} GB/s"
-            same = all(torch.equal(x, y) for x, y in zip(states["other"], states["this"]))
+            same = all(torch.equal(x, y) for name in states for x, y in zip(states["other"], states[name]))
             print(line + f" | states {'bitwise equal' if same else 'DIFFER'}", flush=True)
         del k, v
 

@@ -166,15 +166,17 @@ def test_prefill_warps_knob_matches_reference(turbo_cuda, rng, warps, shape, cau
     assert cosine(out.float().cpu().numpy(), ref.turbo_prefill(q, k, v, causal)) >= 0.999
 
 
-@pytest.mark.parametrize("splits", [1, 5])
-def test_decode_prefetch_knob_matches_reference(turbo_cuda, rng, splits):
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("splits", [1, 5, 16])
+def test_decode_stages_knob_matches_reference(turbo_cuda, rng, splits, stages):
+    """Rings of 2 and 3 tiles; CTAs with 14, 3, 2, 1 and 0 tiles (16 splits of 14)."""
     from turbotvm.kernel_set import decode_split_name
     from turbotvm.kernels.decode_cuda import decode_split_packed
 
     bits = [4, 2, 4, 4]
     variant = turbo_cuda
     for b in (2, 4):
-        variant = _with_kernel(variant, decode_split_name(128, b), decode_split_packed(128, b, prefetch=1))
+        variant = _with_kernel(variant, decode_split_name(128, b), decode_split_packed(128, b, stages=stages))
     q, k, v = realistic_qkv(rng, 2, 8, 4, 1, 1000, 128)
     cache = variant.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), bits)
     out = variant.decode(torch.from_numpy(q).cuda(), cache, num_splits=splits).cpu().numpy()

@@ -349,7 +349,27 @@ def decode_merge_cuda(head_dim: int, out_dtype: str):
     return decode_merge_func
 
 
-def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
+#: shared memory an SM gives its CTAs (sm_90: 228 KB, 1 KB of it reserved per CTA), and the split
+#: kernel's CTAs per SM that the split count assumes (attention.CTAS_PER_SM)
+SMEM_PER_SM = 228 * 1024
+SPLIT_CTAS_PER_SM = 8
+SPLIT_SMEM_OTHER = 2 * 1024  # the split kernel's shared memory besides its ring, rounded up, + 1 KB reserved
+MAX_STAGES = 4
+
+
+def split_stages(head_dim: int, bits: int) -> int:
+    """The deepest ring of tiles (at most MAX_STAGES) that keeps SPLIT_CTAS_PER_SM CTAs on an SM."""
+    fit = (SMEM_PER_SM // SPLIT_CTAS_PER_SM - SPLIT_SMEM_OTHER) // split_stage_bytes(head_dim, bits)
+    return max(2, min(MAX_STAGES, fit))
+
+
+def split_stage_bytes(head_dim: int, bits: int) -> int:
+    """Bytes of one 64-token tile: K codes, V codes, and K's and V's steps and zeros."""
+    words = head_dim * bits // 32
+    return BK * (words + CACHE_K_OUTLIERS // 4) * 4 + BK * words * 4 + 4 * GROUPS_PER_BLOCK * head_dim
+
+
+def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
     """decode_split for a 2/4-bit group, computed on the packed codes without expanding them.
 
     Expansion is linear (x8 = code * step + zero: compression keeps the top code at or below 127),
@@ -364,10 +384,14 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
     several times the instructions per tile.
     The code tensors hold whole 64-token blocks (L a multiple of 64), as the cache stores them.
 
-    prefetch (a tuning knob): 1 loads the next tile's codes into registers while this tile is
-    computed (more bytes in flight per CTA); 0 loads each tile at its start.
+    Tiles reach shared memory by the copy engine (``cp.async.bulk``, sm_90): a tile's K codes, V
+    codes, steps and zeros are each contiguous in the cache, so one thread issues 6 bulk copies per
+    tile, completing on the stage's mbarrier, ``stages`` tiles ahead of the CTA's compute (a tuning
+    knob; 0: split_stages, the deepest ring that keeps 8 CTAs per SM). Loads issued by the threads
+    at a tile's start left each CTA with no bytes in flight while it computed.
     """
     D = head_dim
+    STAGES = stages or split_stages(head_dim, bits)
     per_word = 32 // bits  # codes per int32 word
     WPR = D // per_word  # packed words per K token row (V: per row of a block)
     KEPT_WORDS = CACHE_K_OUTLIERS // 4  # K rows end with the kept channels' bytes (V rows do not)
@@ -379,27 +403,51 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
     QS_WORDS = D // 4  # q' words per stage-2 group
     RUN_WORDS = BK // per_word  # words of one V channel's 64 codes
     RUN_VECS = RUN_WORDS // 4  # ... in 16-byte loads
-    ROW_VECS = WPR // 4  # 16-byte pieces of a V row
     P_WORDS = BK // 4  # P codes of the tile, four per word
-    PREFETCH = bool(prefetch)
+    # a stage of the ring, in bytes: [K codes | V codes | K step | K zero | V step | V zero]
+    K_ROW_WORDS = WPR + KEPT_WORDS
+    K_TILE = BK * K_ROW_WORDS * 4
+    V_TILE = BK * WPR * 4
+    META = GROUPS_PER_BLOCK * D
+    V_AT, K_STEP_AT, K_ZERO_AT, V_STEP_AT, V_ZERO_AT = (K_TILE, K_TILE + V_TILE, K_TILE + V_TILE + META,
+                                                        K_TILE + V_TILE + 2 * META, K_TILE + V_TILE + 3 * META)
+    STAGE = split_stage_bytes(D, bits)
+    assert STAGE == K_TILE + V_TILE + 4 * META and all(x % 16 == 0 for x in (K_TILE, V_TILE, META))
     assert CACHE_K_OUTLIERS % 4 == 0 and GROUPS_PER_BLOCK == 2 and RUN_WORDS % 4 == 0 and WPR % 4 == 0
     assert QS_READ % 4 == 0 and D <= THREADS
 
     @T.macro
-    def load_codes(k_w, v_vec, k_dst, v_dst, b, g, tile, token, half, tx, length):
-        """Tile ``tile``'s packed codes to registers: the token's half K row (tokens past ``length``
-        read as 0); for thread d < D, channel d's V run (whole blocks: always in bounds)."""
+    def bulk_copy(ring, bar, at, src, size):
+        """``size`` bytes from src to the ring at byte ``at``. The access is declared a read: the copy
+        engine's writes are ordered by the stage's mbarrier, and a write would make TVM's barrier
+        planner add a CTA barrier after every wait."""
+        T.ptx.cp.async_.bulk.shared__cluster.global_.mbarrier__complete_tx__bytes(
+            ring.access_ptr("r", offset=at // 4, extent=size // 4), src, T.uint32(size), bar)
+
+    @T.macro
+    def issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero, b, g, tile, stage):
+        """One thread: tile ``tile``'s bytes to ring stage ``stage``, completing on its mbarrier."""
+        T.ptx.mbarrier.arrive.expect_tx.shared.b64(bars.ptr_to([stage]), T.uint32(STAGE))
+        bulk_copy(ring, bars.ptr_to([stage]), stage * STAGE, k_codes.ptr_to([b, g, tile * BK, 0]), K_TILE)
+        bulk_copy(ring, bars.ptr_to([stage]), stage * STAGE + V_AT, v_codes.ptr_to([b, g, tile * BK, 0]), V_TILE)
+        bulk_copy(ring, bars.ptr_to([stage]), stage * STAGE + K_STEP_AT, k_step.ptr_to([b, g, tile, 0, 0]), META)
+        bulk_copy(ring, bars.ptr_to([stage]), stage * STAGE + K_ZERO_AT, k_zero.ptr_to([b, g, tile, 0, 0]), META)
+        bulk_copy(ring, bars.ptr_to([stage]), stage * STAGE + V_STEP_AT, v_step.ptr_to([b, g, tile, 0, 0]), META)
+        bulk_copy(ring, bars.ptr_to([stage]), stage * STAGE + V_ZERO_AT, v_zero.ptr_to([b, g, tile, 0, 0]), META)
+
+    @T.macro
+    def codes_to_registers(ring, ring_vec, k_dst, v_dst, stage, token, half, tx):
+        """The stage's codes to registers: the token's half K row (K rows are 4 bytes longer than a
+        multiple of 16: word loads), and for thread d < D channel d's V run in 16-byte loads."""
         for i in T.unroll(QK_WORDS):
-            k_dst[i] = T.if_then_else(tile * BK + token < length, k_w[b, g, tile * BK + token, half * QK_WORDS + i], 0)
-        for i in T.unroll(KEPT_WORDS):
+            k_dst[i] = ring[(stage * STAGE) // 4 + token * K_ROW_WORDS + half * QK_WORDS + i]
+        for i in T.unroll(KEPT_WORDS):  # zero on the half == 0 thread
             k_dst[QK_WORDS + i] = T.if_then_else(
-                T.And(tile * BK + token < length, half == 1),
-                T.bitwise_xor(k_w[b, g, tile * BK + token, WPR + i], -2139062144), 0)
+                half == 1, T.bitwise_xor(ring[(stage * STAGE) // 4 + token * K_ROW_WORDS + WPR + i], -2139062144), 0)
         if tx < D:
             for j in T.unroll(RUN_VECS):
                 for w in T.vectorized(4):
-                    v_dst[j * 4 + w] = v_vec[b, g, tile * BK + (tx * RUN_VECS + j) // ROW_VECS,
-                                             (tx * RUN_VECS + j) % ROW_VECS, w]
+                    v_dst[j * 4 + w] = ring_vec[(stage * STAGE + V_AT) // 16 + tx * RUN_VECS + j, w]
 
     def qs_channel(u, i):
         """Channel of byte i of q' word u = (packed word u // SPREAD, spread u % SPREAD)."""
@@ -432,19 +480,23 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
         o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
         m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
         l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
-        k_w = T.decl_buffer((B, HG, L, WPR + KEPT_WORDS), "int32", data=k_codes.data)
-        # V rows as 16-byte pieces: a constant innermost extent makes each load one vector access
-        v_vec = T.decl_buffer((B, HG, L, ROW_VECS, 4), "int32", data=v_codes.data)
         for split in T.thread_binding(num_splits, thread="blockIdx.x"):
             for by in T.thread_binding(B * HG * group_size, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     with T.sblock("decode_tile"):
                         T.reads(q[0:B, 0:H, 0, 0:D], q_scale[0:B, 0:H, 0], heads[0:HG],
-                                k_w[0:B, 0:HG, 0:L, 0:WPR + KEPT_WORDS], k_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
+                                k_codes[0:B, 0:HG, 0:L, 0:K_ROW_WORDS * 4], k_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
                                 k_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], k_scale[0:B, 0:HG, 0:NB],
-                                v_vec[0:B, 0:HG, 0:L, 0:ROW_VECS, 0:4], v_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
+                                v_codes[0:B, 0:HG, 0:L, 0:WPR * 4], v_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
                                 v_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], v_scale[0:B, 0:HG, 0:NB])
                         T.writes(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
+                        # the ring of tiles the copy engine fills, one mbarrier per stage; views: 16-byte
+                        # pieces (V runs), bytes (steps and zeros)
+                        ring = T.sblock_alloc_buffer((STAGES * STAGE // 4,), "int32", scope="shared", align=128)
+                        ring_vec = T.decl_buffer((STAGES * STAGE // 16, 4), "int32", data=ring.data, scope="shared")
+                        ring_u8 = T.decl_buffer((STAGES * STAGE,), "uint8", data=ring.data, scope="shared")
+                        ring_i8 = T.decl_buffer((STAGES * STAGE,), "int8", data=ring.data, scope="shared")
+                        bars = T.sblock_alloc_buffer((STAGES,), "uint64", scope="shared", align=8)
                         q_sh = T.sblock_alloc_buffer((D,), "int32", scope="shared")
                         qs_lo = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
                         qs_hi = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
@@ -463,8 +515,6 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         red = T.sblock_alloc_buffer((4 * WARPS,), "float32", scope="shared")
                         k_reg = T.sblock_alloc_buffer((QK_WORDS + KEPT_WORDS,), "int32", scope="local")
                         v_reg = T.sblock_alloc_buffer((RUN_WORDS,), "int32", scope="local")
-                        k_next = T.sblock_alloc_buffer((QK_WORDS + KEPT_WORDS,), "int32", scope="local")
-                        v_next = T.sblock_alloc_buffer((RUN_WORDS,), "int32", scope="local")
                         qs_h = T.sblock_alloc_buffer((QS_READ,), "int32", scope="local")
                         qs_l = T.sblock_alloc_buffer((QS_READ,), "int32", scope="local")
                         p_reg = T.sblock_alloc_buffer((P_WORDS,), "int32", scope="local")
@@ -476,10 +526,15 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         # m, l, score, tile max, rescale, P scale, 1 / P scale, Σ q·zero (x2), P sum (x2)
                         st = T.sblock_alloc_buffer((11,), "float32", scope="local")
                         code = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        kept_slot = T.sblock_alloc_buffer((1,), "int32", scope="local")
 
                         # batch, KV head, query head and tile range of this CTA, through shared memory:
                         # as expressions of runtime sizes ptxas would redo their divisions at every use
                         ids = T.sblock_alloc_buffer((5,), "int32", scope="shared")
+                        if tx == 0:  # ordered before every other use by cta_ids' barrier
+                            for i in T.unroll(STAGES):
+                                T.ptx.mbarrier.init.shared.b64(bars.ptr_to([i]), T.uint32(1))
+                            T.ptx.fence.mbarrier_init.release.cluster()
                         cta_ids(ids, tx, by, split, heads, HG, group_size, num_splits, length)
                         b: T.let[T.int32] = ids[0]
                         g: T.let[T.int32] = ids[1]
@@ -497,32 +552,29 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                         st[0] = T.float32(NEG_BIG)
                         st[1] = T.float32(0)
                         acc[0] = T.float32(0)
-                        if PREFETCH:
-                            if first < last:
-                                load_codes(k_w, v_vec, k_next, v_next, b, g, first, token, half, tx, length)
+                        if tx == 0:
+                            for i in T.unroll(STAGES):
+                                if first + i < last:
+                                    issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero, b, g,
+                                               first + i, i)
                         for kt in T.serial(last - first):
                             T.tvm_storage_sync("shared")
-                            # ---- this tile's codes to registers (their latency overlaps the q' set-up)
-                            if PREFETCH:
-                                for i in T.unroll(QK_WORDS + KEPT_WORDS):
-                                    k_reg[i] = k_next[i]
-                                for i in T.unroll(RUN_WORDS):
-                                    v_reg[i] = v_next[i]
-                                if first + kt + 1 < last:
-                                    load_codes(k_w, v_vec, k_next, v_next, b, g, first + kt + 1, token, half, tx, length)
-                            else:
-                                load_codes(k_w, v_vec, k_reg, v_reg, b, g, first + kt, token, half, tx, length)
+                            # ---- every thread is done with tile kt - 1: its stage takes tile kt - 1 + STAGES
+                            if tx == 0 and kt > 0 and kt - 1 + STAGES < last - first:
+                                issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero, b, g,
+                                           first + kt - 1 + STAGES, (kt - 1) % STAGES)
+                            stage: T.let[T.int32] = kt % STAGES
+                            T.cuda.mbarrier_wait(bars.ptr_to([stage]), (kt // STAGES) % 2)
+                            codes_to_registers(ring, ring_vec, k_reg, v_reg, stage, token, half, tx)
                             # ---- q' = q * step (0 on kept channels) as hi * 128 + lo bytes, per group
                             if tx < GROUPS_PER_BLOCK * QS_WORDS:
                                 qsw[0] = 0
                                 qsw[1] = 0
                                 for i in T.unroll(4):
                                     qsw[0] = qsw[0] | T.shift_left(T.bitwise_and(
-                                        q_sh[qs_channel(tx % QS_WORDS, i)] * T.Cast("int32", k_step[
-                                            b, g, first + kt, tx // QS_WORDS, qs_channel(tx % QS_WORDS, i)]), 127), 8 * i)
+                                        q_sh[qs_channel(tx % QS_WORDS, i)] * T.Cast("int32", ring_u8[stage * STAGE + K_STEP_AT + tx // QS_WORDS * D + qs_channel(tx % QS_WORDS, i)]), 127), 8 * i)
                                     qsw[1] = qsw[1] | T.shift_left(T.bitwise_and(T.shift_right(
-                                        q_sh[qs_channel(tx % QS_WORDS, i)] * T.Cast("int32", k_step[
-                                            b, g, first + kt, tx // QS_WORDS, qs_channel(tx % QS_WORDS, i)]), 7), 255), 8 * i)
+                                        q_sh[qs_channel(tx % QS_WORDS, i)] * T.Cast("int32", ring_u8[stage * STAGE + K_STEP_AT + tx // QS_WORDS * D + qs_channel(tx % QS_WORDS, i)]), 7), 255), 8 * i)
                                 qs_lo[tx] = qsw[0]
                                 qs_hi[tx] = qsw[1]
                             # Σ q·zero over coded channels, per group; kept channels hand q to their slot
@@ -530,12 +582,16 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                             q_zero[1] = 0
                             if tx < D:
                                 for gi in T.unroll(GROUPS_PER_BLOCK):
-                                    q_zero[gi] = T.if_then_else(k_step[b, g, first + kt, gi, tx] > T.uint8(0),
-                                                                q_sh[tx] * T.Cast("int32", k_zero[b, g, first + kt, gi, tx]), 0)
-                                if k_step[b, g, first + kt, 0, tx] == T.uint8(0):
-                                    # the slot, masked into range: a corrupt cache cannot write past q_kept
-                                    q_kept[T.bitwise_and(T.Cast("int32", k_zero[b, g, first + kt, 0, tx]),
-                                                         CACHE_K_OUTLIERS - 1)] = q_sh[tx]
+                                    q_zero[gi] = T.if_then_else(ring_u8[stage * STAGE + K_STEP_AT + gi * D + tx] > T.uint8(0),
+                                                                q_sh[tx] * T.Cast("int32", ring_i8[stage * STAGE + K_ZERO_AT + gi * D + tx]), 0)
+                                # a kept channel's slot (masked into range: a corrupt cache cannot write past
+                                # q_kept), through a register: a branch may not test shared memory here
+                                kept_slot[0] = T.if_then_else(
+                                    ring_u8[stage * STAGE + K_STEP_AT + tx] == T.uint8(0),
+                                    T.bitwise_and(T.Cast("int32", ring_i8[stage * STAGE + K_ZERO_AT + tx]),
+                                                  CACHE_K_OUTLIERS - 1), -1)
+                                if kept_slot[0] >= 0:
+                                    q_kept[kept_slot[0]] = q_sh[tx]
                             for gi in T.unroll(GROUPS_PER_BLOCK):
                                 q_zero[gi] = _warp_sum(q_zero[gi])
                                 if tx % 32 == 0:
@@ -609,8 +665,8 @@ def decode_split_packed(head_dim: int, bits: int, prefetch: int = 0):
                                 st[7] = T.float32(0)
                                 for gi in T.unroll(GROUPS_PER_BLOCK):
                                     st[7] = st[7] + T.Cast("float32", pv[gi] * T.Cast(
-                                        "int32", v_step[b, g, first + kt, gi, tx])) + T.Cast(
-                                        "float32", v_zero[b, g, first + kt, gi, tx]) * st[9 + gi]
+                                        "int32", ring_u8[stage * STAGE + V_STEP_AT + gi * D + tx])) + T.Cast(
+                                        "float32", ring_i8[stage * STAGE + V_ZERO_AT + gi * D + tx]) * st[9 + gi]
                                 acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, first + kt] * st[7]
                                 st[1] = st[1] * st[4] + st[5] * (st[9] + st[10])
                         if tx < D:
