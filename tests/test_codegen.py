@@ -39,6 +39,20 @@ def test_cuda_prefill_runs_on_int8_tensor_cores(cuda_source):
         assert "__shared__" in body and "warp_reduce_max_4" in body, name  # row max over 4 lanes
 
 
+def test_cuda_decode_split_reads_tiles_by_the_copy_engine(cuda_source):
+    """Each tile: one mbarrier expect_tx of the tile's bytes and six bulk copies (K, V codes; their steps
+    and zeros), at the ring's warm-up and in the tile loop; no global loads of codes by the threads."""
+    _, source = cuda_source
+    for name, tile_bytes in (("decode_split_b4_d128", 9472), ("decode_split_b2_d64", 2816)):
+        start = source.index(f"{name}_kernel(", source.index(f"{name}_kernel(") + 1)  # after the declaration
+        body = source[start: source.index("\n}\n", start)]
+        expects = body.count(f"expect_tx_shared_b64(") - body.count("expect_tx_shared_b64(uint32_t")
+        copies = body.count("mbarrier__complete_tx__bytes(") - body.count("mbarrier__complete_tx__bytes(uint32_t")
+        assert expects >= 2 and copies == 6 * expects, name
+        assert f"(uint){tile_bytes})" in body and "tvm_builtin_cuda_mbarrier_wait(" in body, name
+        assert "k_codes_ptr[" not in body.replace("(&(k_codes_ptr[", ""), name  # addresses only
+
+
 def test_v8t_key_order_is_a_permutation_and_its_inverse():
     from turbotvm.kernels.prefill_tc import key_position
     from turbotvm.kernels.quantize_cuda import key_at
@@ -177,7 +191,7 @@ def test_every_cuda_knob_setting_compiles_for_sm90():
         assert len(family.knobs) >= 1, family_name
         for i, setting in enumerate(settings_of(family)):
             funcs[f"{family_name}_{i}"] = family.make(kernel, setting).with_attr("global_symbol", f"{family_name}_{i}")
-    assert len(funcs) == 3 * 3 + 2
+    assert len(funcs) == 3 * 3 + 4
     source = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"})) \
         .mod.imports[0].inspect_source()
     for name in funcs:
@@ -187,6 +201,8 @@ def test_every_cuda_knob_setting_compiles_for_sm90():
     assert "__launch_bounds__(128, 1) prefill_tc_0_kernel" in launch_bounds
     assert "__launch_bounds__(128, 3) prefill_tc_2_kernel" in launch_bounds
     assert "__launch_bounds__(256, 1) prefill_tc_6_kernel" in launch_bounds
+    # decode's stages (hand = 4 for 2-bit D=128, 2, 3, 4): rings of 5376-byte tiles, in 4-byte words
+    assert all(f"int ring_ptr[{1344 * stages}];" in source for stages in (2, 3, 4))
 
 
 def test_module_for_another_cpu_is_refused(exported):

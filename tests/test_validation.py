@@ -100,6 +100,18 @@ def test_decode_refuses_code_tensors_without_whole_blocks(turbo_cpu, rng):
         turbo_cpu.decode(q, cache)
 
 
+def test_decode_refuses_misaligned_group_tensors(turbo_cpu, rng):
+    """The CUDA split kernel's copy engine reads K/V codes, steps and zeros from 16-byte aligned addresses."""
+    q, k, v = random_qkv(rng, 1, 4, 2, 1, 64 * 4, 64)
+    cache = turbo_cpu.compress_kv(k, v, [4, 2])
+    group = next(g for g in cache.groups if g.bits == 4)
+    shifted = torch.empty(group.k_step.numel() + 4, dtype=group.k_step.dtype)[4:].view(group.k_step.shape)
+    shifted.copy_(group.k_step)
+    group.k_step = shifted
+    with pytest.raises(ValueError, match=r"cache: expected the 4-bit group's k_step at a 16-byte aligned address"):
+        turbo_cpu.decode(q, cache)
+
+
 def test_smoothing_bad_inputs(turbo_cpu, rng, qkv):
     """The public smoothing method checks its K too: an unsupported head dim would leave channels unwritten."""
     _, k, _ = qkv

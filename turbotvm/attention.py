@@ -14,7 +14,7 @@ import torch
 from . import kernel_set as names
 from .algorithm import CACHE_BITS, CACHE_GROUP, CACHE_K_OUTLIERS, QUANT_BLOCK
 from .codegen import CompiledKernels, build, load, load_or_build
-from .compressed_kv import CompressedKV, PackedGroup
+from .compressed_kv import BULK_COPIED, GROUP_TENSOR_NAMES, CompressedKV, PackedGroup
 from .kernel_set import KernelSetConfig
 from .kernels.sas import NEG_BIG
 from .torch_stream import on_torch_stream
@@ -298,6 +298,10 @@ class TurboAttention:
                 if codes.device != q.device or rows % QUANT_BLOCK or rows < packed_len:
                     raise ValueError(f"cache: expected the {group.bits}-bit group's {name} on {q.device} with whole "
                                      f"64-token blocks for its {packed_len} tokens, got {rows} rows on {codes.device}")
+            for name, tensor in zip(GROUP_TENSOR_NAMES, tensors):  # the CUDA kernel's copy engine needs it
+                if name in BULK_COPIED and tensor.data_ptr() % 16:
+                    raise ValueError(f"cache: expected the {group.bits}-bit group's {name} at a 16-byte aligned "
+                                     f"address, got {tensor.data_ptr():#x}")
         check_head_dim("q", d, self.config)
         scale = check_scale(scale, d)
         group_size = h // cache.num_kv_heads

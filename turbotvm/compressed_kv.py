@@ -43,6 +43,11 @@ class PackedGroup:
         return (self.k_codes, self.k_step, self.k_zero, self.k_scale, self.v_codes, self.v_step, self.v_zero, self.v_scale)
 
 
+#: names of PackedGroup.tensors(); the ones the CUDA split kernel's copy engine reads need 16-byte addresses
+GROUP_TENSOR_NAMES = ("k_codes", "k_step", "k_zero", "k_scale", "v_codes", "v_step", "v_zero", "v_scale")
+BULK_COPIED = ("k_codes", "k_step", "k_zero", "v_codes", "v_step", "v_zero")
+
+
 class SinkLayout:
     """Token ranges of a cache with an INT8 sink block (``sink_k``) before its packed groups."""
 
