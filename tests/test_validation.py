@@ -100,8 +100,9 @@ def test_decode_refuses_code_tensors_without_whole_blocks(turbo_cpu, rng):
         turbo_cpu.decode(q, cache)
 
 
-def test_decode_refuses_misaligned_group_tensors(turbo_cpu, rng):
-    """The CUDA split kernel's copy engine reads K/V codes, steps and zeros from 16-byte aligned addresses."""
+def test_decode_refuses_misaligned_or_short_group_tensors(turbo_cpu, rng):
+    """The CUDA split kernel's copy engine reads K/V codes, steps and zeros from 16-byte aligned addresses,
+    whole blocks of each."""
     q, k, v = random_qkv(rng, 1, 4, 2, 1, 64 * 4, 64)
     cache = turbo_cpu.compress_kv(k, v, [4, 2])
     group = next(g for g in cache.groups if g.bits == 4)
@@ -109,6 +110,11 @@ def test_decode_refuses_misaligned_group_tensors(turbo_cpu, rng):
     shifted.copy_(group.k_step)
     group.k_step = shifted
     with pytest.raises(ValueError, match=r"cache: expected the 4-bit group's k_step at a 16-byte aligned address"):
+        turbo_cpu.decode(q, cache)
+    group.k_step = group.k_step.contiguous().clone()
+    turbo_cpu.decode(q, cache)
+    group.v_zero = group.v_zero[:, :, :1].contiguous()  # 3 blocks of codes, 1 of V's zeros
+    with pytest.raises(ValueError, match=r"cache: expected the 4-bit group's v_zero for at least 3 blocks, got 1"):
         turbo_cpu.decode(q, cache)
 
 

@@ -298,8 +298,11 @@ class TurboAttention:
                 if codes.device != q.device or rows % QUANT_BLOCK or rows < packed_len:
                     raise ValueError(f"cache: expected the {group.bits}-bit group's {name} on {q.device} with whole "
                                      f"64-token blocks for its {packed_len} tokens, got {rows} rows on {codes.device}")
-            for name, tensor in zip(GROUP_TENSOR_NAMES, tensors):  # the CUDA kernel's copy engine needs it
-                if name in BULK_COPIED and tensor.data_ptr() % 16:
+            for name, tensor in zip(GROUP_TENSOR_NAMES, tensors):
+                if "codes" not in name and tensor.shape[2] * QUANT_BLOCK < packed_len:  # per block
+                    raise ValueError(f"cache: expected the {group.bits}-bit group's {name} for at least "
+                                     f"{-(-packed_len // QUANT_BLOCK)} blocks, got {tensor.shape[2]}")
+                if name in BULK_COPIED and tensor.data_ptr() % 16:  # the CUDA kernel's copy engine needs it
                     raise ValueError(f"cache: expected the {group.bits}-bit group's {name} at a 16-byte aligned "
                                      f"address, got {tensor.data_ptr():#x}")
         check_head_dim("q", d, self.config)
