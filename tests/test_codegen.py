@@ -53,6 +53,28 @@ def test_cuda_decode_split_reads_tiles_by_the_copy_engine(cuda_source):
         assert "k_codes_ptr[" not in body.replace("(&(k_codes_ptr[", ""), name  # addresses only
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_decode_split_before_sm90_loads_by_threads(tmp_path):
+    """sm_80/sm_89 have no bulk copies or mbarrier transactions: their split kernels load the codes
+    by the threads, and compile for their arch."""
+    import tvm
+
+    from turbotvm.kernel_set import KernelSetConfig, make_kernel_set
+
+    for arch, bulk in (("sm_80", False), ("sm_89", False), ("sm_90", True), ("sm_90a", True), (None, True)):
+        funcs = make_kernel_set(KernelSetConfig((64, 128), ("float16",)), "cuda", arch).funcs
+        assert ('"async", "bulk"' in funcs["decode_split_b4_d128"].script()) == bulk, arch
+    funcs = {n: f for n, f in make_kernel_set(KernelSetConfig((64, 128), ("float16",)), "cuda", "sm_80").funcs.items()
+             if n.startswith("decode_split_b")}
+    source = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) \
+        .mod.imports[0].inspect_source()
+    assert "mbarrier" not in source and "bulk" not in source
+    (tmp_path / "k.cu").write_text(source)
+    result = subprocess.run(["nvcc", "-arch=sm_80", "-c", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.o")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_v8t_key_order_is_a_permutation_and_its_inverse():
     from turbotvm.kernels.prefill_tc import key_position
     from turbotvm.kernels.quantize_cuda import key_at

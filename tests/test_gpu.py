@@ -166,17 +166,19 @@ def test_prefill_warps_knob_matches_reference(turbo_cuda, rng, warps, shape, cau
     assert cosine(out.float().cpu().numpy(), ref.turbo_prefill(q, k, v, causal)) >= 0.999
 
 
-@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("stages,copy_engine", [(2, True), (3, True), (0, False)])
 @pytest.mark.parametrize("splits", [1, 5, 16])
-def test_decode_stages_knob_matches_reference(turbo_cuda, rng, splits, stages):
-    """Rings of 2 and 3 tiles; CTAs with 14, 3, 2, 1 and 0 tiles (16 splits of 14)."""
+def test_decode_split_variants_match_reference(turbo_cuda, rng, splits, stages, copy_engine):
+    """Rings of 2 and 3 tiles, and the pre-sm_90 kernel (threads load the codes); CTAs with 14, 3, 2, 1
+    and 0 tiles (16 splits of 14)."""
     from turbotvm.kernel_set import decode_split_name
     from turbotvm.kernels.decode_cuda import decode_split_packed
 
     bits = [4, 2, 4, 4]
     variant = turbo_cuda
     for b in (2, 4):
-        variant = _with_kernel(variant, decode_split_name(128, b), decode_split_packed(128, b, stages=stages))
+        variant = _with_kernel(variant, decode_split_name(128, b),
+                               decode_split_packed(128, b, stages=stages, copy_engine=copy_engine))
     q, k, v = realistic_qkv(rng, 2, 8, 4, 1, 1000, 128)
     cache = variant.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), bits)
     out = variant.decode(torch.from_numpy(q).cuda(), cache, num_splits=splits).cpu().numpy()

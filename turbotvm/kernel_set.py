@@ -110,9 +110,11 @@ class KernelSet:
     funcs: dict = field(default_factory=dict)
 
 
-def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> KernelSet:
-    """All kernels for a target kind: on CUDA, prefill and decode are the hand-mapped kernels."""
+def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm", arch: str | None = None) -> KernelSet:
+    """All kernels for a target kind: on CUDA, prefill and decode are the hand-mapped kernels.
+    arch (CUDA: "sm_80", ...): decode's split kernels use the copy engine from sm_90 on (the default)."""
     funcs, hand_mapped = {}, {}
+    copy_engine = decode_cuda.has_copy_engine(arch)
     for dtype in config.dtypes:
         for mode in quantize.QUANTIZE_MODES:
             funcs[quantize_name(dtype, mode)] = quantize.quantize_int8(dtype, mode)
@@ -144,7 +146,8 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm") -> Kerne
                 funcs[decode_merge_name(d, dtype)] = decode.decode_merge(d, dtype)
         if target_kind == "cuda":  # the INT8 tokens: decode_int8 above
             for bits in CACHE_BITS:
-                hand_mapped[decode_split_name(d, bits)] = decode_cuda.decode_split_packed(d, bits)
+                hand_mapped[decode_split_name(d, bits)] = decode_cuda.decode_split_packed(d, bits,
+                                                                                         copy_engine=copy_engine)
         else:
             for bits in CACHE_BITS + (8,):
                 funcs[decode_split_name(d, bits)] = decode.decode_split(d, bits)

@@ -104,7 +104,7 @@ def build(target="llvm", config: KernelSetConfig | None = None, progress: bool =
     """``tuning_log``: a directory written by ``turbotvm tune`` (or its parent of per-arch folders)."""
     target = make_target(target)
     config = config or KernelSetConfig()
-    kernel_set = make_kernel_set(config, target.kind.name)
+    kernel_set = make_kernel_set(config, target.kind.name, target.attrs.get("arch"))
     mod = schedule_module(kernel_set.funcs, target, progress, tuning_log)
     if progress:
         tqdm.write(f"compiling {len(kernel_set.funcs)} kernels for {target.kind.name} ...")

@@ -11,6 +11,8 @@ A CTA of 128 threads owns one (split, batch, query head) and walks its 64-token 
   same signature as ``decode_split``.
 * ``decode_merge_cuda`` combines the split states."""
 
+import re
+
 from tvm.script import tirx as T
 
 from ..algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK
@@ -369,7 +371,14 @@ def split_stage_bytes(head_dim: int, bits: int) -> int:
     return BK * (words + CACHE_K_OUTLIERS // 4) * 4 + BK * words * 4 + 4 * GROUPS_PER_BLOCK * head_dim
 
 
-def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
+def has_copy_engine(arch: str | None) -> bool:
+    """Whether a CUDA arch has the copy engine's bulk copies and mbarrier transactions: sm_90 on (an
+    unnamed arch counts as sm_90, the arch turbotvm is tuned for)."""
+    match = re.fullmatch(r"sm_(\d+)[a-z]?", str(arch)) if arch else None
+    return match is None or int(match[1]) >= 90
+
+
+def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: bool = True):
     """decode_split for a 2/4-bit group, computed on the packed codes without expanding them.
 
     Expansion is linear (x8 = code * step + zero: compression keeps the top code at or below 127),
@@ -388,10 +397,12 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
     codes, steps and zeros are each contiguous in the cache, so one thread issues 6 bulk copies per
     tile, completing on the stage's mbarrier, ``stages`` tiles ahead of the CTA's compute (a tuning
     knob; 0: split_stages, the deepest ring that keeps 8 CTAs per SM). Loads issued by the threads
-    at a tile's start left each CTA with no bytes in flight while it computed.
+    at a tile's start left each CTA with no bytes in flight while it computed. Before sm_90
+    (``copy_engine`` False) the threads load each tile's codes at its start, as they did.
     """
     D = head_dim
-    STAGES = stages or split_stages(head_dim, bits)
+    COPY_ENGINE = bool(copy_engine)
+    STAGES = (stages or split_stages(head_dim, bits)) if COPY_ENGINE else 1
     per_word = 32 // bits  # codes per int32 word
     WPR = D // per_word  # packed words per K token row (V: per row of a block)
     KEPT_WORDS = CACHE_K_OUTLIERS // 4  # K rows end with the kept channels' bytes (V rows do not)
@@ -412,6 +423,8 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
     V_AT, K_STEP_AT, K_ZERO_AT, V_STEP_AT, V_ZERO_AT = (K_TILE, K_TILE + V_TILE, K_TILE + V_TILE + META,
                                                         K_TILE + V_TILE + 2 * META, K_TILE + V_TILE + 3 * META)
     STAGE = split_stage_bytes(D, bits)
+    RING_WORDS = STAGES * STAGE // 4 if COPY_ENGINE else 4  # (unused without the copy engine)
+    ROW_VECS = WPR // 4  # 16-byte pieces of a V row
     assert STAGE == K_TILE + V_TILE + 4 * META and all(x % 16 == 0 for x in (K_TILE, V_TILE, META))
     assert CACHE_K_OUTLIERS % 4 == 0 and GROUPS_PER_BLOCK == 2 and RUN_WORDS % 4 == 0 and WPR % 4 == 0
     assert QS_READ % 4 == 0 and D <= THREADS
@@ -449,6 +462,28 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
                 for w in T.vectorized(4):
                     v_dst[j * 4 + w] = ring_vec[(stage * STAGE + V_AT) // 16 + tx * RUN_VECS + j, w]
 
+    @T.macro
+    def load_codes(k_w, v_vec, k_dst, v_dst, b, g, tile, token, half, tx):
+        """Without the copy engine: tile ``tile``'s codes from global memory to registers, as
+        codes_to_registers reads them from the ring."""
+        for i in T.unroll(QK_WORDS):
+            k_dst[i] = k_w[b, g, tile * BK + token, half * QK_WORDS + i]
+        for i in T.unroll(KEPT_WORDS):
+            k_dst[QK_WORDS + i] = T.if_then_else(half == 1, T.bitwise_xor(k_w[b, g, tile * BK + token, WPR + i],
+                                                                          -2139062144), 0)
+        if tx < D:
+            for j in T.unroll(RUN_VECS):
+                for w in T.vectorized(4):
+                    v_dst[j * 4 + w] = v_vec[b, g, tile * BK + (tx * RUN_VECS + j) // ROW_VECS,
+                                             (tx * RUN_VECS + j) % ROW_VECS, w]
+
+    def meta(at, ring_bytes, tensor, b, g, tile, stage, gi, ch):
+        """A tile's step or zero (the one at byte ``at`` of a stage) of group gi, channel ch: from the
+        ring, or from global memory without the copy engine."""
+        if COPY_ENGINE:
+            return ring_bytes[stage * STAGE + at + gi * D + ch]
+        return tensor[b, g, tile, gi, ch]
+
     def qs_channel(u, i):
         """Channel of byte i of q' word u = (packed word u // SPREAD, spread u % SPREAD)."""
         return u // SPREAD * per_word + (8 // bits) * i + u % SPREAD
@@ -480,22 +515,25 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
         o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
         m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
         l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
+        k_w = T.decl_buffer((B, HG, L, WPR + KEPT_WORDS), "int32", data=k_codes.data)
+        # V rows as 16-byte pieces: a constant innermost extent makes each load one vector access
+        v_vec = T.decl_buffer((B, HG, L, ROW_VECS, 4), "int32", data=v_codes.data)
         for split in T.thread_binding(num_splits, thread="blockIdx.x"):
             for by in T.thread_binding(B * HG * group_size, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     with T.sblock("decode_tile"):
                         T.reads(q[0:B, 0:H, 0, 0:D], q_scale[0:B, 0:H, 0], heads[0:HG],
-                                k_codes[0:B, 0:HG, 0:L, 0:K_ROW_WORDS * 4], k_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
+                                k_w[0:B, 0:HG, 0:L, 0:K_ROW_WORDS], k_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
                                 k_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], k_scale[0:B, 0:HG, 0:NB],
-                                v_codes[0:B, 0:HG, 0:L, 0:WPR * 4], v_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
+                                v_vec[0:B, 0:HG, 0:L, 0:ROW_VECS, 0:4], v_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
                                 v_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], v_scale[0:B, 0:HG, 0:NB])
                         T.writes(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
                         # the ring of tiles the copy engine fills, one mbarrier per stage; views: 16-byte
                         # pieces (V runs), bytes (steps and zeros)
-                        ring = T.sblock_alloc_buffer((STAGES * STAGE // 4,), "int32", scope="shared", align=128)
-                        ring_vec = T.decl_buffer((STAGES * STAGE // 16, 4), "int32", data=ring.data, scope="shared")
-                        ring_u8 = T.decl_buffer((STAGES * STAGE,), "uint8", data=ring.data, scope="shared")
-                        ring_i8 = T.decl_buffer((STAGES * STAGE,), "int8", data=ring.data, scope="shared")
+                        ring = T.sblock_alloc_buffer((RING_WORDS,), "int32", scope="shared", align=128)
+                        ring_vec = T.decl_buffer((RING_WORDS // 4, 4), "int32", data=ring.data, scope="shared")
+                        ring_u8 = T.decl_buffer((RING_WORDS * 4,), "uint8", data=ring.data, scope="shared")
+                        ring_i8 = T.decl_buffer((RING_WORDS * 4,), "int8", data=ring.data, scope="shared")
                         bars = T.sblock_alloc_buffer((STAGES,), "uint64", scope="shared", align=8)
                         q_sh = T.sblock_alloc_buffer((D,), "int32", scope="shared")
                         qs_lo = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
@@ -531,10 +569,12 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
                         # batch, KV head, query head and tile range of this CTA, through shared memory:
                         # as expressions of runtime sizes ptxas would redo their divisions at every use
                         ids = T.sblock_alloc_buffer((5,), "int32", scope="shared")
-                        if tx == 0:  # ordered before every other use by cta_ids' barrier
+                        if COPY_ENGINE and tx == 0:  # ordered before every other use by cta_ids' barrier
                             for i in T.unroll(STAGES):
                                 T.ptx.mbarrier.init.shared.b64(bars.ptr_to([i]), T.uint32(1))
                             T.ptx.fence.mbarrier_init.release.cluster()
+                        if not COPY_ENGINE and tx == 0:
+                            ring[0] = 0  # a use, so that TVM keeps the (then unused) ring its views alias
                         cta_ids(ids, tx, by, split, heads, HG, group_size, num_splits, length)
                         b: T.let[T.int32] = ids[0]
                         g: T.let[T.int32] = ids[1]
@@ -552,29 +592,34 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
                         st[0] = T.float32(NEG_BIG)
                         st[1] = T.float32(0)
                         acc[0] = T.float32(0)
-                        if tx == 0:
+                        if COPY_ENGINE and tx == 0:
                             for i in T.unroll(STAGES):
                                 if first + i < last:
                                     issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero, b, g,
                                                first + i, i)
                         for kt in T.serial(last - first):
                             T.tvm_storage_sync("shared")
-                            # ---- every thread is done with tile kt - 1: its stage takes tile kt - 1 + STAGES
-                            if tx == 0 and kt > 0 and kt - 1 + STAGES < last - first:
-                                issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero, b, g,
-                                           first + kt - 1 + STAGES, (kt - 1) % STAGES)
+                            tile: T.let[T.int32] = first + kt
                             stage: T.let[T.int32] = kt % STAGES
-                            T.cuda.mbarrier_wait(bars.ptr_to([stage]), (kt // STAGES) % 2)
-                            codes_to_registers(ring, ring_vec, k_reg, v_reg, stage, token, half, tx)
+                            if COPY_ENGINE:
+                                # every thread is done with tile kt - 1: its stage takes tile kt - 1 + STAGES
+                                if tx == 0 and kt > 0 and kt - 1 + STAGES < last - first:
+                                    issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero, b, g,
+                                               first + kt - 1 + STAGES, (kt - 1) % STAGES)
+                                T.cuda.mbarrier_wait(bars.ptr_to([stage]), (kt // STAGES) % 2)
+                                codes_to_registers(ring, ring_vec, k_reg, v_reg, stage, token, half, tx)
+                            else:
+                                load_codes(k_w, v_vec, k_reg, v_reg, b, g, tile, token, half, tx)
                             # ---- q' = q * step (0 on kept channels) as hi * 128 + lo bytes, per group
                             if tx < GROUPS_PER_BLOCK * QS_WORDS:
                                 qsw[0] = 0
                                 qsw[1] = 0
                                 for i in T.unroll(4):
-                                    qsw[0] = qsw[0] | T.shift_left(T.bitwise_and(
-                                        q_sh[qs_channel(tx % QS_WORDS, i)] * T.Cast("int32", ring_u8[stage * STAGE + K_STEP_AT + tx // QS_WORDS * D + qs_channel(tx % QS_WORDS, i)]), 127), 8 * i)
-                                    qsw[1] = qsw[1] | T.shift_left(T.bitwise_and(T.shift_right(
-                                        q_sh[qs_channel(tx % QS_WORDS, i)] * T.Cast("int32", ring_u8[stage * STAGE + K_STEP_AT + tx // QS_WORDS * D + qs_channel(tx % QS_WORDS, i)]), 7), 255), 8 * i)
+                                    code[0] = q_sh[qs_channel(tx % QS_WORDS, i)] * T.Cast("int32", meta(
+                                        K_STEP_AT, ring_u8, k_step, b, g, tile, stage, tx // QS_WORDS,
+                                        qs_channel(tx % QS_WORDS, i)))
+                                    qsw[0] = qsw[0] | T.shift_left(T.bitwise_and(code[0], 127), 8 * i)
+                                    qsw[1] = qsw[1] | T.shift_left(T.bitwise_and(T.shift_right(code[0], 7), 255), 8 * i)
                                 qs_lo[tx] = qsw[0]
                                 qs_hi[tx] = qsw[1]
                             # Σ q·zero over coded channels, per group; kept channels hand q to their slot
@@ -582,14 +627,19 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
                             q_zero[1] = 0
                             if tx < D:
                                 for gi in T.unroll(GROUPS_PER_BLOCK):
-                                    q_zero[gi] = T.if_then_else(ring_u8[stage * STAGE + K_STEP_AT + gi * D + tx] > T.uint8(0),
-                                                                q_sh[tx] * T.Cast("int32", ring_i8[stage * STAGE + K_ZERO_AT + gi * D + tx]), 0)
+                                    q_zero[gi] = T.if_then_else(
+                                        meta(K_STEP_AT, ring_u8, k_step, b, g, tile, stage, gi, tx) > T.uint8(0),
+                                        q_sh[tx] * T.Cast("int32",
+                                                          meta(K_ZERO_AT, ring_i8, k_zero, b, g, tile, stage, gi, tx)),
+                                        0)
                                 # a kept channel's slot (masked into range: a corrupt cache cannot write past
                                 # q_kept), through a register: a branch may not test shared memory here
                                 kept_slot[0] = T.if_then_else(
-                                    ring_u8[stage * STAGE + K_STEP_AT + tx] == T.uint8(0),
-                                    T.bitwise_and(T.Cast("int32", ring_i8[stage * STAGE + K_ZERO_AT + tx]),
-                                                  CACHE_K_OUTLIERS - 1), -1)
+                                    meta(K_STEP_AT, ring_u8, k_step, b, g, tile, stage, 0, tx) == T.uint8(0),
+                                    T.bitwise_and(
+                                        T.Cast("int32", meta(K_ZERO_AT, ring_i8, k_zero, b, g, tile, stage, 0, tx)),
+                                        CACHE_K_OUTLIERS - 1),
+                                    -1)
                                 if kept_slot[0] >= 0:
                                     q_kept[kept_slot[0]] = q_sh[tx]
                             for gi in T.unroll(GROUPS_PER_BLOCK):
@@ -619,9 +669,9 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
                             s_acc[0] = s_acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_acc[0], 1, 32, 32)
                             st[7] = T.if_then_else(grp == 0, red[0] + red[1] + red[2] + red[3],
                                                    red[WARPS] + red[WARPS + 1] + red[WARPS + 2] + red[WARPS + 3])
-                            st[2] = T.if_then_else((first + kt) * BK + token < length,
+                            st[2] = T.if_then_else(tile * BK + token < length,
                                                    (T.Cast("float32", s_acc[0]) + st[7]) * q_scale[b, hq, 0]
-                                                   * k_scale[b, g, first + kt] * sm_scale, T.float32(NEG_BIG))
+                                                   * k_scale[b, g, tile] * sm_scale, T.float32(NEG_BIG))
                             st[3] = _warp_max(st[2])
                             if tx % 32 == 0:
                                 red[2 * WARPS + tx // 32] = st[3]
@@ -665,9 +715,10 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0):
                                 st[7] = T.float32(0)
                                 for gi in T.unroll(GROUPS_PER_BLOCK):
                                     st[7] = st[7] + T.Cast("float32", pv[gi] * T.Cast(
-                                        "int32", ring_u8[stage * STAGE + V_STEP_AT + gi * D + tx])) + T.Cast(
-                                        "float32", ring_i8[stage * STAGE + V_ZERO_AT + gi * D + tx]) * st[9 + gi]
-                                acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, first + kt] * st[7]
+                                        "int32", meta(V_STEP_AT, ring_u8, v_step, b, g, tile, stage, gi, tx))) + T.Cast(
+                                        "float32", meta(V_ZERO_AT, ring_i8, v_zero, b, g, tile, stage, gi, tx)) \
+                                        * st[9 + gi]
+                                acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, tile] * st[7]
                                 st[1] = st[1] * st[4] + st[5] * (st[9] + st[10])
                         if tx < D:
                             o_part[b, hq, slot_offset + split, tx] = acc[0]

@@ -75,7 +75,7 @@ def run(args, console) -> int:
         from ..kernel_set import make_kernel_set
         from .lookup import prune_stale
 
-        dropped = prune_stale(out, make_kernel_set(config, target.kind.name).funcs, target)
+        dropped = prune_stale(out, make_kernel_set(config, target.kind.name, target.attrs.get("arch")).funcs, target)
         console.print(f"pruned {dropped} workload(s) tuned for older kernel code from {out}")
     console.print(f"use it: turbotvm.codegen.build(..., tuning_log={str(out)!r}) or TurboAttention.build(..., "
                   f"tuning_log=...)")

@@ -60,7 +60,7 @@ def tune(target="llvm", config: KernelSetConfig | None = None, families=("prefil
     out_dir.mkdir(parents=True, exist_ok=True)
     log_records.validate_log_dir(out_dir)  # a corrupt log is reported before TVM reads it
     log_records.expand_compressed(out_dir)  # a shipped log (xz workloads): TVM's database reads the plain file
-    kernel_set = make_kernel_set(config, target.kind.name)
+    kernel_set = make_kernel_set(config, target.kind.name, target.attrs.get("arch"))
     selected = select_kernels(kernel_set.funcs, families)
     if kernels:
         missing = sorted(set(kernels) - set(selected))

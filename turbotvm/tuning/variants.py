@@ -34,8 +34,9 @@ class HandMappedFamily:
     factory: Callable
     args: Callable  # re.Match -> positional arguments of the factory
     knobs: dict = field(default_factory=dict)  # parameter -> choices (first = default)
+    target_args: Callable | None = None  # Target -> keyword arguments the target decides (not knobs)
 
-    def make(self, name: str, settings: dict | None = None):
+    def make(self, name: str, settings: dict | None = None, target=None):
         match = re.fullmatch(self.pattern, name)
         if match is None:
             raise ValueError(f"kernel {name!r} does not match family pattern {self.pattern!r}")
@@ -45,6 +46,8 @@ class HandMappedFamily:
         if missing:
             raise ValueError(f"{self.factory.__module__}.{self.factory.__name__} takes no knob {missing}: "
                              "add the parameter to the factory")
+        if target is not None and self.target_args is not None:
+            settings.update(self.target_args(target))
         return self.factory(*self.args(match), **settings)
 
 
@@ -65,7 +68,9 @@ def _cuda_families() -> dict:
         "quantize_vt": HandMappedFamily(r"quantize_vt_(\w+?)_d(\d+)", quantize_cuda.quantize_rows,
                                         lambda m: (m[1], int(m[2]), "plain", True)),
         "decode_split_packed": HandMappedFamily(r"decode_split_b([24])_d(\d+)", decode_cuda.decode_split_packed,
-                                                lambda m: (int(m[2]), int(m[1])), knobs={"stages": (0, 2, 3, 4)}),
+                                                lambda m: (int(m[2]), int(m[1])), knobs={"stages": (0, 2, 3, 4)},
+                                                target_args=lambda t: {"copy_engine": decode_cuda.has_copy_engine(
+                                                    t.attrs.get("arch"))}),
         "decode_int8_cuda": HandMappedFamily(r"decode_int8_d(\d+)_(\w+)", decode_cuda.decode_int8_cuda,
                                              lambda m: (int(m[1]), m[2])),
         "decode_merge_cuda": HandMappedFamily(r"decode_merge_d(\d+)_(\w+)", decode_cuda.decode_merge_cuda,
@@ -125,8 +130,8 @@ def setting_from_trace(trace, default_mod) -> dict:
 def variant_from_trace(name: str, trace, target):
     """The kernel ``name`` built with the knob setting its record's trace holds."""
     family = family_of(name)
-    default = family.make(name)
-    return family.make(name, setting_from_trace(trace, tvm.IRModule({"main": default})))
+    default = family.make(name, target=target)
+    return family.make(name, setting_from_trace(trace, tvm.IRModule({"main": default})), target)
 
 
 def tune_variants(name, target, config, bucket, head_dim, database, builder, runner, trials, progress):
@@ -134,7 +139,7 @@ def tune_variants(name, target, config, bucket, head_dim, database, builder, run
     from .tuner import KernelResult, _silent
 
     family = family_of(name)
-    default = family.make(name).with_attr("global_symbol", name)
+    default = family.make(name, target=target).with_attr("global_symbol", name)
     workload = tuning_workload(name, default, target, bucket, head_dim)
     previous = log_records.records_of(database, workload)
     done = [setting_from_trace(r.trace, workload) for r in previous]
@@ -165,6 +170,6 @@ def _baseline_seconds(records, workload, family):
 
 def _measure(name, family, setting, workload, target, bucket, head_dim, database, builder, runner):
     """Build and run the kernel with ``setting``; its record is a trace of the default kernel."""
-    variant = tuning_workload(name, family.make(name, setting), target, bucket, head_dim)
+    variant = tuning_workload(name, family.make(name, setting, target), target, bucket, head_dim)
     trace = knob_trace(workload, family, setting).trace
     return measure_and_commit(variant, trace, workload, target, database, builder, runner)
