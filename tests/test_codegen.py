@@ -46,7 +46,7 @@ def test_cuda_decode_split_reads_tiles_by_the_copy_engine(cuda_source):
     for name, tile_bytes in (("decode_split_b4_d128", 9472), ("decode_split_b2_d64", 2816)):
         start = source.index(f"{name}_kernel(", source.index(f"{name}_kernel(") + 1)  # after the declaration
         body = source[start: source.index("\n}\n", start)]
-        expects = body.count(f"expect_tx_shared_b64(") - body.count("expect_tx_shared_b64(uint32_t")
+        expects = body.count("expect_tx_shared_b64(") - body.count("expect_tx_shared_b64(uint32_t")
         copies = body.count("mbarrier__complete_tx__bytes(") - body.count("mbarrier__complete_tx__bytes(uint32_t")
         assert expects >= 2 and copies == 6 * expects, name
         assert f"(uint){tile_bytes})" in body and "tvm_builtin_cuda_mbarrier_wait(" in body, name

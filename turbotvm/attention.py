@@ -16,6 +16,7 @@ from .algorithm import CACHE_BITS, CACHE_GROUP, CACHE_K_OUTLIERS, QUANT_BLOCK
 from .codegen import CompiledKernels, build, load, load_or_build
 from .compressed_kv import BULK_COPIED, GROUP_TENSOR_NAMES, CompressedKV, PackedGroup
 from .kernel_set import KernelSetConfig
+from .kernels.decode_cuda import SPLIT_CTAS_PER_SM
 from .kernels.sas import NEG_BIG
 from .torch_stream import on_torch_stream
 from .validation import as_tensor, check_attention_inputs, check_head_dim, check_scale, check_tensor, dtype_name
@@ -24,7 +25,7 @@ from .validation import as_tensor, check_attention_inputs, check_head_dim, check
 #: bandwidth-bound; a second, partial wave leaves SMs idle at its end).
 DEFAULT_DECODE_SPLITS = 0
 CPU_DECODE_SPLITS = 4
-CTAS_PER_SM = 8
+CTAS_PER_SM = SPLIT_CTAS_PER_SM  # the split kernel's occupancy (its ring is sized for it)
 DECODE_WORKSPACES = 8  # decode scratch sets kept per TurboAttention (one per recent shape/stream/thread)
 
 

@@ -110,6 +110,11 @@ class KernelSet:
     funcs: dict = field(default_factory=dict)
 
 
+def kernel_set_for(config: KernelSetConfig, target) -> KernelSet:
+    """make_kernel_set for a TVM Target: its kind and, on CUDA, its arch."""
+    return make_kernel_set(config, target.kind.name, target.attrs.get("arch"))
+
+
 def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm", arch: str | None = None) -> KernelSet:
     """All kernels for a target kind: on CUDA, prefill and decode are the hand-mapped kernels.
     arch (CUDA: "sm_80", ...): decode's split kernels use the copy engine from sm_90 on (the default)."""

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from tvm import s_tir
 from tvm.target import codegen
 
-from ..kernel_set import KernelSetConfig, make_kernel_set
+from ..kernel_set import KernelSetConfig, kernel_set_for
 from ..schedules import schedule_for
 
 
@@ -104,7 +104,7 @@ def build(target="llvm", config: KernelSetConfig | None = None, progress: bool =
     """``tuning_log``: a directory written by ``turbotvm tune`` (or its parent of per-arch folders)."""
     target = make_target(target)
     config = config or KernelSetConfig()
-    kernel_set = make_kernel_set(config, target.kind.name, target.attrs.get("arch"))
+    kernel_set = kernel_set_for(config, target)
     mod = schedule_module(kernel_set.funcs, target, progress, tuning_log)
     if progress:
         tqdm.write(f"compiling {len(kernel_set.funcs)} kernels for {target.kind.name} ...")

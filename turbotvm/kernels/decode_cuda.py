@@ -352,7 +352,7 @@ def decode_merge_cuda(head_dim: int, out_dtype: str):
 
 
 #: shared memory an SM gives its CTAs (sm_90: 228 KB, 1 KB of it reserved per CTA), and the split
-#: kernel's CTAs per SM that the split count assumes (attention.CTAS_PER_SM)
+#: kernel's CTAs per SM, which the runtime's split count assumes (one wave)
 SMEM_PER_SM = 228 * 1024
 SPLIT_CTAS_PER_SM = 8
 SPLIT_SMEM_OTHER = 2 * 1024  # the split kernel's shared memory besides its ring, rounded up, + 1 KB reserved

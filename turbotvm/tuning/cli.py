@@ -72,10 +72,10 @@ def run(args, console) -> int:
         table.add_row(r.kernel, f"{r.trials} ({r.new_trials})", _us(r.baseline_seconds), _us(r.best_seconds), speedup)
     console.print(table)
     if args.prune_stale:
-        from ..kernel_set import make_kernel_set
+        from ..kernel_set import kernel_set_for
         from .lookup import prune_stale
 
-        dropped = prune_stale(out, make_kernel_set(config, target.kind.name, target.attrs.get("arch")).funcs, target)
+        dropped = prune_stale(out, kernel_set_for(config, target).funcs, target)
         console.print(f"pruned {dropped} workload(s) tuned for older kernel code from {out}")
     console.print(f"use it: turbotvm.codegen.build(..., tuning_log={str(out)!r}) or TurboAttention.build(..., "
                   f"tuning_log=...)")

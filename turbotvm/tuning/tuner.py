@@ -21,7 +21,7 @@ import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 
 from ..codegen.build import make_target
-from ..kernel_set import HAND_MAPPED, KernelSetConfig, make_kernel_set
+from ..kernel_set import HAND_MAPPED, KernelSetConfig, kernel_set_for
 from . import records as log_records
 from .measure import make_builder, make_runner, measure_and_commit
 from .search import ModuleSet, ProgressCallback, ResumingSearch, measured_modules
@@ -60,7 +60,7 @@ def tune(target="llvm", config: KernelSetConfig | None = None, families=("prefil
     out_dir.mkdir(parents=True, exist_ok=True)
     log_records.validate_log_dir(out_dir)  # a corrupt log is reported before TVM reads it
     log_records.expand_compressed(out_dir)  # a shipped log (xz workloads): TVM's database reads the plain file
-    kernel_set = make_kernel_set(config, target.kind.name, target.attrs.get("arch"))
+    kernel_set = kernel_set_for(config, target)
     selected = select_kernels(kernel_set.funcs, families)
     if kernels:
         missing = sorted(set(kernels) - set(selected))
