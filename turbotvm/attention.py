@@ -25,7 +25,6 @@ from .validation import as_tensor, check_attention_inputs, check_head_dim, check
 #: bandwidth-bound; a second, partial wave leaves SMs idle at its end).
 DEFAULT_DECODE_SPLITS = 0
 CPU_DECODE_SPLITS = 4
-CTAS_PER_SM = SPLIT_CTAS_PER_SM  # the split kernel's occupancy (its ring is sized for it)
 DECODE_WORKSPACES = 8  # decode scratch sets kept per TurboAttention (one per recent shape/stream/thread)
 
 
@@ -267,7 +266,7 @@ class TurboAttention:
         if sms is None:
             sms = self._sm_count[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
         tiles = max(1, -(-compressed_len // QUANT_BLOCK))
-        return max(1, min(tiles, CTAS_PER_SM * sms // (q.shape[0] * (heads or q.shape[1]))))
+        return max(1, min(tiles, SPLIT_CTAS_PER_SM * sms // (q.shape[0] * (heads or q.shape[1]))))
 
     @on_torch_stream
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
@@ -292,15 +291,15 @@ class TurboAttention:
         sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read
         if cache.sink_k is None and cache.buffer_k is None:
             raise ValueError("cache: expected at least one token (neither a sink block nor an open block)")
-        for group in cache.groups:  # the kernels read whole 64-token blocks of codes (V: channel-major per block)
-            tensors = group.tensors()  # what decode reads of a group (the torch op passes a stand-in)
-            for name, codes in (("k_codes", tensors[0]), ("v_codes", tensors[4])):
-                rows = codes.shape[2]
-                if codes.device != q.device or rows % QUANT_BLOCK or rows < packed_len:
-                    raise ValueError(f"cache: expected the {group.bits}-bit group's {name} on {q.device} with whole "
-                                     f"64-token blocks for its {packed_len} tokens, got {rows} rows on {codes.device}")
-            for name, tensor in zip(GROUP_TENSOR_NAMES, tensors):
-                if "codes" not in name and tensor.shape[2] * QUANT_BLOCK < packed_len:  # per block
+        for group in cache.groups:  # what decode reads of a group (the torch op passes a stand-in)
+            for name, tensor in zip(GROUP_TENSOR_NAMES, group.tensors()):
+                if name.endswith("codes"):  # whole 64-token blocks of codes (V: channel-major per block)
+                    rows = tensor.shape[2]
+                    if tensor.device != q.device or rows % QUANT_BLOCK or rows < packed_len:
+                        raise ValueError(f"cache: expected the {group.bits}-bit group's {name} on {q.device} with "
+                                         f"whole 64-token blocks for its {packed_len} tokens, got {rows} rows on "
+                                         f"{tensor.device}")
+                elif tensor.shape[2] * QUANT_BLOCK < packed_len:  # per block
                     raise ValueError(f"cache: expected the {group.bits}-bit group's {name} for at least "
                                      f"{-(-packed_len // QUANT_BLOCK)} blocks, got {tensor.shape[2]}")
                 if name in BULK_COPIED and tensor.data_ptr() % 16:  # the CUDA kernel's copy engine needs it

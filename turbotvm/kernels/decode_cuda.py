@@ -365,10 +365,17 @@ def split_stages(head_dim: int, bits: int) -> int:
     return max(2, min(MAX_STAGES, fit))
 
 
+def _tile_parts(head_dim: int, bits: int) -> tuple:
+    """Bytes of a 64-token tile's K codes (rows end with the kept channels' bytes), of its V codes, and
+    of each of K's and V's steps and zeros."""
+    words = head_dim * bits // 32  # packed words per row
+    return BK * (words + CACHE_K_OUTLIERS // 4) * 4, BK * words * 4, GROUPS_PER_BLOCK * head_dim
+
+
 def split_stage_bytes(head_dim: int, bits: int) -> int:
     """Bytes of one 64-token tile: K codes, V codes, and K's and V's steps and zeros."""
-    words = head_dim * bits // 32
-    return BK * (words + CACHE_K_OUTLIERS // 4) * 4 + BK * words * 4 + 4 * GROUPS_PER_BLOCK * head_dim
+    k_tile, v_tile, meta = _tile_parts(head_dim, bits)
+    return k_tile + v_tile + 4 * meta
 
 
 def has_copy_engine(arch: str | None) -> bool:
@@ -417,15 +424,13 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
     P_WORDS = BK // 4  # P codes of the tile, four per word
     # a stage of the ring, in bytes: [K codes | V codes | K step | K zero | V step | V zero]
     K_ROW_WORDS = WPR + KEPT_WORDS
-    K_TILE = BK * K_ROW_WORDS * 4
-    V_TILE = BK * WPR * 4
-    META = GROUPS_PER_BLOCK * D
+    K_TILE, V_TILE, META = _tile_parts(D, bits)
     V_AT, K_STEP_AT, K_ZERO_AT, V_STEP_AT, V_ZERO_AT = (K_TILE, K_TILE + V_TILE, K_TILE + V_TILE + META,
                                                         K_TILE + V_TILE + 2 * META, K_TILE + V_TILE + 3 * META)
     STAGE = split_stage_bytes(D, bits)
     RING_WORDS = STAGES * STAGE // 4 if COPY_ENGINE else 4  # (unused without the copy engine)
     ROW_VECS = WPR // 4  # 16-byte pieces of a V row
-    assert STAGE == K_TILE + V_TILE + 4 * META and all(x % 16 == 0 for x in (K_TILE, V_TILE, META))
+    assert all(x % 16 == 0 for x in (K_TILE, V_TILE, META))  # the copy engine moves 16-byte units
     assert CACHE_K_OUTLIERS % 4 == 0 and GROUPS_PER_BLOCK == 2 and RUN_WORDS % 4 == 0 and WPR % 4 == 0
     assert QS_READ % 4 == 0 and D <= THREADS
 
@@ -448,34 +453,33 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
         bulk_copy(ring, bars.ptr_to([stage]), stage * STAGE + V_STEP_AT, v_step.ptr_to([b, g, tile, 0, 0]), META)
         bulk_copy(ring, bars.ptr_to([stage]), stage * STAGE + V_ZERO_AT, v_zero.ptr_to([b, g, tile, 0, 0]), META)
 
-    @T.macro
-    def codes_to_registers(ring, ring_vec, k_dst, v_dst, stage, token, half, tx):
-        """The stage's codes to registers: the token's half K row (K rows are 4 bytes longer than a
-        multiple of 16: word loads), and for thread d < D channel d's V run in 16-byte loads."""
-        for i in T.unroll(QK_WORDS):
-            k_dst[i] = ring[(stage * STAGE) // 4 + token * K_ROW_WORDS + half * QK_WORDS + i]
-        for i in T.unroll(KEPT_WORDS):  # zero on the half == 0 thread
-            k_dst[QK_WORDS + i] = T.if_then_else(
-                half == 1, T.bitwise_xor(ring[(stage * STAGE) // 4 + token * K_ROW_WORDS + WPR + i], -2139062144), 0)
-        if tx < D:
-            for j in T.unroll(RUN_VECS):
-                for w in T.vectorized(4):
-                    v_dst[j * 4 + w] = ring_vec[(stage * STAGE + V_AT) // 16 + tx * RUN_VECS + j, w]
+    # A tile's data, read from the ring's stage, or from global memory without the copy engine:
+    def k_word(ring, k_w, b, g, tile, stage, token, col):
+        """Word ``col`` of the token's K row."""
+        if COPY_ENGINE:
+            return ring[(stage * STAGE) // 4 + token * K_ROW_WORDS + col]
+        return k_w[b, g, tile * BK + token, col]
+
+    def v_piece(ring_vec, v_vec, b, g, tile, stage, piece, w):
+        """Word w of the tile's V codes' 16-byte piece ``piece`` (channel-major: channel d's run is
+        pieces d * RUN_VECS ...)."""
+        if COPY_ENGINE:
+            return ring_vec[(stage * STAGE + V_AT) // 16 + piece, w]
+        return v_vec[b, g, tile * BK + piece // ROW_VECS, piece % ROW_VECS, w]
 
     @T.macro
-    def load_codes(k_w, v_vec, k_dst, v_dst, b, g, tile, token, half, tx):
-        """Without the copy engine: tile ``tile``'s codes from global memory to registers, as
-        codes_to_registers reads them from the ring."""
+    def codes_to_registers(ring, ring_vec, k_w, v_vec, k_dst, v_dst, b, g, tile, stage, token, half, tx):
+        """The tile's codes to registers: the token's half K row (K rows are 4 bytes longer than a
+        multiple of 16: word loads), and for thread d < D channel d's V run in 16-byte loads."""
         for i in T.unroll(QK_WORDS):
-            k_dst[i] = k_w[b, g, tile * BK + token, half * QK_WORDS + i]
-        for i in T.unroll(KEPT_WORDS):
-            k_dst[QK_WORDS + i] = T.if_then_else(half == 1, T.bitwise_xor(k_w[b, g, tile * BK + token, WPR + i],
-                                                                          -2139062144), 0)
+            k_dst[i] = k_word(ring, k_w, b, g, tile, stage, token, half * QK_WORDS + i)
+        for i in T.unroll(KEPT_WORDS):  # zero on the half == 0 thread
+            k_dst[QK_WORDS + i] = T.if_then_else(
+                half == 1, T.bitwise_xor(k_word(ring, k_w, b, g, tile, stage, token, WPR + i), -2139062144), 0)
         if tx < D:
             for j in T.unroll(RUN_VECS):
                 for w in T.vectorized(4):
-                    v_dst[j * 4 + w] = v_vec[b, g, tile * BK + (tx * RUN_VECS + j) // ROW_VECS,
-                                             (tx * RUN_VECS + j) % ROW_VECS, w]
+                    v_dst[j * 4 + w] = v_piece(ring_vec, v_vec, b, g, tile, stage, tx * RUN_VECS + j, w)
 
     def meta(at, ring_bytes, tensor, b, g, tile, stage, gi, ch):
         """A tile's step or zero (the one at byte ``at`` of a stage) of group gi, channel ch: from the
@@ -607,9 +611,8 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
                                     issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero, b, g,
                                                first + kt - 1 + STAGES, (kt - 1) % STAGES)
                                 T.cuda.mbarrier_wait(bars.ptr_to([stage]), (kt // STAGES) % 2)
-                                codes_to_registers(ring, ring_vec, k_reg, v_reg, stage, token, half, tx)
-                            else:
-                                load_codes(k_w, v_vec, k_reg, v_reg, b, g, tile, token, half, tx)
+                            codes_to_registers(ring, ring_vec, k_w, v_vec, k_reg, v_reg, b, g, tile, stage, token,
+                                               half, tx)
                             # ---- q' = q * step (0 on kept channels) as hi * 128 + lo bytes, per group
                             if tx < GROUPS_PER_BLOCK * QS_WORDS:
                                 qsw[0] = 0
