@@ -15,8 +15,7 @@ if [[ $WHAT == all || $WHAT == prefill ]]; then
 fi
 if [[ $WHAT == all || $WHAT == decode ]]; then
   # H=32, L=32K, with the split counts the runtime picks on 132 SMs (about 8 CTAs per SM); the ring's
-  # stages: hand (0), 2, 3, 4. Not yet run for the bulk-copy split kernel (2026-12-03): the shipped log
-  # holds no decode records (the older kernel's were pruned), so decode takes the hand schedule.
+  # stages: hand (0), 2, 3, 4. (2026-12-03: the B=16 line ran out of time after the 4-bit kernels.)
   kernels=decode_split_b4_d64,decode_split_b4_d128,decode_split_b2_d64,decode_split_b2_d128
   tune --kernels decode --batch 1 --seq-len 32768 --heads 32 --kv-heads 32 --splits 33 --trials 4 --only $kernels
   tune --kernels decode --batch 16 --seq-len 32768 --heads 32 --kv-heads 32 --splits 2 --trials 4 --only $kernels
