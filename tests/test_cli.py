@@ -33,3 +33,21 @@ def test_example_runs():
     result = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "decode cos vs exact" in result.stdout
+
+
+def test_bench_times_variants_in_alternating_rounds():
+    """A clock that drifts during the run: timed one after the other, the later variant would carry
+    the drift; in alternating rounds each variant's median sits in the middle of the run."""
+    from turbotvm.bench import interleaved_ms
+
+    order, clock = [], iter(range(1000))
+
+    def measure(name, base):
+        def run():
+            order.append(name)
+            return base + next(clock)  # each measurement 1 ms slower than the one before
+        return run
+
+    times = interleaved_ms({"sdpa": measure("sdpa", 100.0), "ours": measure("ours", 100.0)}, rounds=5)
+    assert order == ["sdpa", "ours"] * 5
+    assert times == {"sdpa": 104.0, "ours": 105.0}  # medians of 100, 102, ..., 108 and 101, 103, ..., 109

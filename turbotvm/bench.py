@@ -4,7 +4,8 @@ Prefill: effective TOPS = 4·B·H·N·M·D / t (halved when causal), turbotvm ti
 tensors (quantization included). Decode: one query token over a cache of L tokens; turbotvm reads
 its compressed cache, SDPA reads fp16 K/V; achieved bandwidth = bytes read / t, compared with the
 measured device-to-device copy bandwidth; decode is also timed replayed from a CUDA graph (turbotvm and
-SDPA alike), the device time without per-call host work. CUDA events, warm-up, median of many runs.
+SDPA alike), the device time without per-call host work, and decode's variants are timed in alternating
+rounds. CUDA events, warm-up, median of many runs.
 
     turbotvm bench [--quick] [--out benchmarks/results]     (or python benchmarks/bench_attention.py)
 
@@ -68,12 +69,9 @@ def median_ms(fn, warmup: int = 5, iters: int = 30) -> float:
     return statistics.median(times)
 
 
-def graphed_ms(fn, warmup: int = 3, iters: int = 30) -> tuple[float, torch.Tensor]:
-    """``fn`` captured once in a CUDA graph, then ``median_ms`` of its replays, and the graph's output.
-
-    Device time without per-call host work (Python, checks, launches): how serving engines run a
-    decode step. Warm-up runs on a side stream first, as torch.cuda.graphs asks.
-    """
+def capture(fn, warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``fn`` captured once in a CUDA graph, and the graph's output. Warm-up runs on a side stream
+    first, as torch.cuda.graphs asks."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -83,7 +81,28 @@ def graphed_ms(fn, warmup: int = 3, iters: int = 30) -> tuple[float, torch.Tenso
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
+    return graph, out
+
+
+def graphed_ms(fn, warmup: int = 3, iters: int = 30) -> tuple[float, torch.Tensor]:
+    """``median_ms`` of ``fn``'s replays from a CUDA graph, and the graph's output.
+
+    Device time without per-call host work (Python, checks, launches): how serving engines run a
+    decode step."""
+    graph, out = capture(fn, warmup)
     return median_ms(graph.replay, warmup, iters), out
+
+
+def interleaved_ms(measures: dict, rounds: int = 5) -> dict:
+    """Each measure (a function returning milliseconds, e.g. a ``median_ms``) taken in ``rounds``
+    alternating rounds (a, b, c, a, b, c, ...), and its median over the rounds: clocks and temperature
+    drift during a run, and timing one side after the other puts the drift into their ratio (the same
+    decode step measured 621 and 676 us in two places of one run on the H200)."""
+    per_round = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            per_round[name].append(measure())
+    return {name: statistics.median(times) for name, times in per_round.items()}
 
 
 def copy_bandwidth_gbs() -> float:
@@ -99,8 +118,8 @@ def cosine(a, b) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def run_baselines(q, k, v, causal, graphed_times=None):
-    """Times (and outputs) of each SDPA backend; with ``graphed_times`` (a dict) also replayed from a CUDA graph."""
+def run_baselines(q, k, v, causal):
+    """Times (and outputs) of each SDPA backend."""
     times, outputs = {}, {}
     for name, backend in BASELINES.items():
         try:
@@ -108,12 +127,8 @@ def run_baselines(q, k, v, causal, graphed_times=None):
                 fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
                 outputs[name] = fn()
                 times[name] = median_ms(fn)
-                if graphed_times is not None:
-                    graphed_times[name] = graphed_ms(fn)[0]
         except RuntimeError as err:  # backend not available for this shape/dtype
             times[name] = None
-            if graphed_times is not None:
-                graphed_times[name] = None
             print(f"  {name}: unavailable ({str(err).splitlines()[0][:80]})")
     return times, outputs
 
@@ -140,24 +155,54 @@ def bench_prefill(turbo, shapes):
     return rows
 
 
+def in_backend(backend, measure):
+    """``measure`` run with one SDPA backend selected (outside the timed calls)."""
+    def run():
+        with sdpa_kernel([backend]):
+            return measure()
+    return run
+
+
 def bench_decode(turbo, shapes, copy_gbs, head_bits_of):
+    """Each shape's SDPA backends and turbotvm's caches, timed eagerly and replayed from CUDA graphs, in
+    alternating rounds (``interleaved_ms``)."""
     rows = []
     for b, h, length, d in shapes:
         k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.float16) for _ in range(2))
         q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.float16)
-        graphed = {}
-        times, outputs = run_baselines(q, k, v, False, graphed)
+        eager, graphed, outputs = {}, {}, {}  # measures (functions returning ms), by variant
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v)
+
+        for name, backend in BASELINES.items():
+            try:
+                with sdpa_kernel([backend]):
+                    outputs[name] = sdpa()
+                    graph = capture(sdpa)[0]
+            except RuntimeError as err:  # backend not available for this shape/dtype
+                print(f"  {name}: unavailable ({str(err).splitlines()[0][:80]})")
+                continue
+            eager[name] = in_backend(backend, lambda: median_ms(sdpa))
+            graphed[name] = lambda graph=graph: median_ms(graph.replay)
+        caches = {label: turbo.compress_kv(k, v, bits) for label, bits in head_bits_of(h).items()}
+        ours, graph_out = {}, {}
+        for label, cache in caches.items():
+            call = lambda cache=cache: turbo.decode(q, cache)  # noqa: E731
+            ours[label] = call()
+            graph, graph_out[label] = capture(call)
+            eager[label] = lambda call=call: median_ms(call)
+            graphed[label] = lambda graph=graph: median_ms(graph.replay)
+        times, graphed = interleaved_ms(eager), interleaved_ms(graphed)
+        sdpa_times = {name: times.get(name) for name in BASELINES}
+        sdpa_graphed = {name: graphed.get(name) for name in BASELINES}
+        best = min(t for t in sdpa_times.values() if t)
+        best_graph = min(t for t in sdpa_graphed.values() if t)
         fp16_bytes = 2 * k.numel() * k.element_size()
-        row = {"B": b, "H": h, "L": length, "D": d, "ms": times, "ms_cuda_graph": graphed, "fp16_bytes": fp16_bytes,
-               "turbotvm": {}}
-        for label, bits in head_bits_of(h).items():
-            cache = turbo.compress_kv(k, v, bits)
-            ours = turbo.decode(q, cache)
-            ms = median_ms(lambda: turbo.decode(q, cache))
-            ms_graph, graph_out = graphed_ms(lambda: turbo.decode(q, cache))
-            read = cache.nbytes()
-            best = min(t for t in times.values() if t)
-            best_graph = min(t for t in graphed.values() if t)
+        row = {"B": b, "H": h, "L": length, "D": d, "ms": sdpa_times, "ms_cuda_graph": sdpa_graphed,
+               "fp16_bytes": fp16_bytes, "turbotvm": {}}
+        for label, cache in caches.items():
+            ms, ms_graph, read = times[label], graphed[label], cache.nbytes()
             row["turbotvm"][label] = {"ms": ms, "bytes": read, "bytes_vs_fp16": read / fp16_bytes,
                                       "bandwidth_gbs": read / (ms * 1e-3) / 1e9,
                                       "bandwidth_vs_copy": read / (ms * 1e-3) / 1e9 / copy_gbs,
@@ -165,19 +210,18 @@ def bench_decode(turbo, shapes, copy_gbs, head_bits_of):
                                       "ms_cuda_graph": ms_graph,
                                       "bandwidth_vs_copy_cuda_graph": read / (ms_graph * 1e-3) / 1e9 / copy_gbs,
                                       "speedup_vs_best_sdpa_cuda_graph": best_graph / ms_graph,
-                                      "graph_equals_eager": bool(torch.equal(graph_out, ours)),
-                                      "cos_vs_sdpa": cosine(ours, next(iter(outputs.values())))}
-            del cache
-        row["sdpa_bandwidth_gbs"] = {n: fp16_bytes / (t * 1e-3) / 1e9 for n, t in times.items() if t}
+                                      "graph_equals_eager": bool(torch.equal(graph_out[label], ours[label])),
+                                      "cos_vs_sdpa": cosine(ours[label], next(iter(outputs.values())))}
+        row["sdpa_bandwidth_gbs"] = {n: fp16_bytes / (t * 1e-3) / 1e9 for n, t in sdpa_times.items() if t}
         rows.append(row)
-        print(f"decode B={b} H={h} L={length}: SDPA " + ", ".join(f"{n}={t:.3f}" for n, t in times.items() if t)
+        print(f"decode B={b} H={h} L={length}: SDPA " + ", ".join(f"{n}={t:.3f}" for n, t in sdpa_times.items() if t)
               + " ms; turbotvm " + ", ".join(f"{lb}={r['ms']:.3f} ms (x{r['speedup_vs_best_sdpa']:.2f}, "
                                              f"{r['bandwidth_vs_copy']:.0%} of copy bw)" for lb, r in row["turbotvm"].items())
-              + "; CUDA graph: SDPA " + ", ".join(f"{n}={t:.3f}" for n, t in graphed.items() if t)
+              + "; CUDA graph: SDPA " + ", ".join(f"{n}={t:.3f}" for n, t in sdpa_graphed.items() if t)
               + " ms; turbotvm " + ", ".join(f"{lb}={r['ms_cuda_graph']:.3f} ms (x{r['speedup_vs_best_sdpa_cuda_graph']:.2f}, "
                                              f"{r['bandwidth_vs_copy_cuda_graph']:.0%} of copy bw)"
                                              for lb, r in row["turbotvm"].items()))
-        del k, v, q, outputs
+        del k, v, q, outputs, caches, eager, ours, graph_out
         torch.cuda.empty_cache()
     return rows
 
