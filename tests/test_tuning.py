@@ -308,8 +308,9 @@ def test_hand_mapped_knob_variants_are_tuned_and_rebuilt(tmp_path, monkeypatch):
                                            ms.database.Workload.from_json(logged.json_obj)).trace,
         ms.database.Workload.from_json(logged.json_obj).mod)["lanes"]
     assert best_lanes in (4, 16) and f"T.vectorized({best_lanes})" in rebuilt.script()  # the logged variant
-    # torch tensors, as turbotvm passes them (numpy arrays here crashed once in a full run, 2026-12-03)
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((37, 64)).astype(np.float32))
+    # 64-byte aligned, as TVM's kernels assume: the 16-lane variant's AVX-512 loads faulted on numpy's
+    # 16-byte aligned data (a segfault in some runs, 2026-12-03; turbotvm's entry points copy such inputs)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((37, 64)).astype(np.float32)).clone()
     out = torch.empty_like(x)
     tvm.compile(tvm.IRModule({"scale_rows_d64": rebuilt}), target=TARGET)["scale_rows_d64"](x, out)
     assert torch.equal(out, 2 * x)

@@ -75,6 +75,7 @@ class TurboAttention:
         ``smoothing`` (mean, factor) [B, H, D]: quantize (x - mean) / factor (K). ``balance`` [B, H_kv, D]:
         quantize x * balance of each head's KV head (Q). Neither: x itself (V).
         """
+        x = as_tensor("x", x)
         b, h, n, d = x.shape
         codes = self._empty(x, (b, h, n, d), torch.int8)
         scale = self._empty(x, (b, h, -(-n // QUANT_BLOCK)), torch.float32)
@@ -91,6 +92,7 @@ class TurboAttention:
     @on_torch_stream
     def smoothing(self, k: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
         """K's channel mean and balance factor [B, H_kv, D] float32 (docs/algorithm.md §1)."""
+        k = as_tensor("k", k)
         check_tensor("k", k, 4, self.device_type)
         check_head_dim("k", k.shape[3], self.config)  # the CUDA kernel covers 64-channel groups
         if dtype_name("k", k, self.config) != dtype:

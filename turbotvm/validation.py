@@ -10,13 +10,20 @@ from .kernel_set import KernelSetConfig
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+#: Bytes TVM assumes every buffer's data is aligned to (its default): the kernels load aligned vectors
+#: (AVX-512 on the CPU, 16-byte words on the GPU), which fault on a tensor that starts elsewhere.
+DATA_ALIGNMENT = 64
+
+
 def as_tensor(name: str, x) -> torch.Tensor:
-    """torch tensors pass through; numpy arrays are wrapped without a copy."""
-    if isinstance(x, torch.Tensor):
-        return x
+    """torch tensors pass through and numpy arrays are wrapped, without a copy, unless their data does not
+    start DATA_ALIGNMENT-aligned: then the kernels get a copy. numpy aligns its arrays to 16 bytes only,
+    and a view can start anywhere in its storage; torch allocates 64-byte (CPU) or 512-byte (CUDA) aligned."""
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
-    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+        x = torch.from_numpy(x)
+    elif not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    return x if x.data_ptr() % DATA_ALIGNMENT == 0 else x.clone()  # (clone keeps the strides)
 
 
 def dtype_name(name: str, x: torch.Tensor, config: KernelSetConfig) -> str:
