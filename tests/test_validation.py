@@ -135,7 +135,7 @@ def test_misaligned_inputs_reach_the_kernels_as_aligned_copies(turbo_cpu, rng):
     """TVM's kernels load aligned vectors (AVX-512 here): a tensor whose data starts off a 64-byte boundary
     (a view into a larger tensor; numpy aligns to 16 bytes) faulted in them. It now reaches them as an aligned
     copy, with the same result; an aligned tensor is passed as it is (zero copy)."""
-    from turbotvm.validation import as_tensor
+    from turbotvm.validation import aligned
 
     q, k, v = (torch.from_numpy(x).clone() for x in random_qkv(rng, 1, 4, 2, 64, 64, 64))
     expected = turbo_cpu.prefill(q, k, v)
@@ -148,7 +148,7 @@ def test_misaligned_inputs_reach_the_kernels_as_aligned_copies(turbo_cpu, rng):
 
     q16, k16, v16 = (shifted(x, 4) for x in (q, k, v))  # 16 bytes past a boundary, as numpy may give
     assert all(x.data_ptr() % 64 == 16 and x.is_contiguous() for x in (q16, k16, v16))
-    assert as_tensor("q", q16).data_ptr() % 64 == 0 and torch.equal(as_tensor("q", q16), q16)
-    assert as_tensor("q", q).data_ptr() == q.data_ptr()
+    assert aligned(q16).data_ptr() % 64 == 0 and torch.equal(aligned(q16), q16)
+    assert aligned(q).data_ptr() == q.data_ptr()
     assert torch.equal(turbo_cpu.prefill(q16, k16, v16), expected)
     assert np.array_equal(turbo_cpu.prefill(q16.numpy(), k16.numpy(), v16.numpy()), expected.numpy())

@@ -19,7 +19,8 @@ from .kernel_set import KernelSetConfig
 from .kernels.decode_cuda import SPLIT_CTAS_PER_SM
 from .kernels.sas import NEG_BIG
 from .torch_stream import on_torch_stream
-from .validation import as_tensor, check_attention_inputs, check_head_dim, check_scale, check_tensor, dtype_name
+from .validation import (aligned, as_tensor, check_attention_inputs, check_head_dim, check_scale, check_tensor,
+                         dtype_name)
 
 #: 0 = choose: 4 on the CPU; on a GPU as many splits as fit one wave of 8 CTAs per SM (decode is
 #: bandwidth-bound; a second, partial wave leaves SMs idle at its end).
@@ -75,7 +76,7 @@ class TurboAttention:
         ``smoothing`` (mean, factor) [B, H, D]: quantize (x - mean) / factor (K). ``balance`` [B, H_kv, D]:
         quantize x * balance of each head's KV head (Q). Neither: x itself (V).
         """
-        x = as_tensor("x", x)
+        x = aligned(as_tensor("x", x))
         b, h, n, d = x.shape
         codes = self._empty(x, (b, h, n, d), torch.int8)
         scale = self._empty(x, (b, h, -(-n // QUANT_BLOCK)), torch.float32)
@@ -92,7 +93,7 @@ class TurboAttention:
     @on_torch_stream
     def smoothing(self, k: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
         """K's channel mean and balance factor [B, H_kv, D] float32 (docs/algorithm.md §1)."""
-        k = as_tensor("k", k)
+        k = aligned(as_tensor("k", k))
         check_tensor("k", k, 4, self.device_type)
         check_head_dim("k", k.shape[3], self.config)  # the CUDA kernel covers 64-channel groups
         if dtype_name("k", k, self.config) != dtype:
@@ -113,6 +114,7 @@ class TurboAttention:
         """
         was_numpy = isinstance(q, np.ndarray)
         q, k, v, dtype = check_attention_inputs(q, k, v, self.config, self.device_type)
+        q, k, v = aligned(q), aligned(k), aligned(v)
         scale = check_scale(scale, q.shape[3])
         if self.device_type == "cuda":
             out = self._prefill_tensor_cores(q, k, v, bool(causal), scale, dtype)
@@ -148,7 +150,7 @@ class TurboAttention:
     def compress_kv(self, k, v, head_bits) -> CompressedKV:
         """Quantize K (smoothed and balanced) and V to INT8; keep the first 64-token block at INT8 (the sink block) and
         compress each later full block to its head's bits."""
-        k, v = as_tensor("k", k), as_tensor("v", v)
+        k, v = aligned(as_tensor("k", k)), aligned(as_tensor("v", v))
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, 4, self.device_type)
         dtype = dtype_name("k", k, self.config)
@@ -274,7 +276,7 @@ class TurboAttention:
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
         """Attention of one query token q [B,H,1,D] over the whole compressed cache."""
         was_numpy = isinstance(q, np.ndarray)
-        q = as_tensor("q", q)
+        q = aligned(as_tensor("q", q))
         check_tensor("q", q, 4, self.device_type)
         dtype = dtype_name("q", q, self.config)
         b, h, n, d = q.shape

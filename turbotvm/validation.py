@@ -16,13 +16,18 @@ DATA_ALIGNMENT = 64
 
 
 def as_tensor(name: str, x) -> torch.Tensor:
-    """torch tensors pass through and numpy arrays are wrapped, without a copy, unless their data does not
-    start DATA_ALIGNMENT-aligned: then the kernels get a copy. numpy aligns its arrays to 16 bytes only,
-    and a view can start anywhere in its storage; torch allocates 64-byte (CPU) or 512-byte (CUDA) aligned."""
+    """torch tensors pass through; numpy arrays are wrapped without a copy."""
+    if isinstance(x, torch.Tensor):
+        return x
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    elif not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+        return torch.from_numpy(x)
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or a copy when its data does not start DATA_ALIGNMENT-aligned: numpy aligns its arrays to
+    16 bytes only, and a view can start anywhere in its storage (torch allocates 64-byte aligned on the
+    CPU, 512 on CUDA). For real tensors about to reach a kernel (not the fake ones torch.compile traces)."""
     return x if x.data_ptr() % DATA_ALIGNMENT == 0 else x.clone()  # (clone keeps the strides)
 
 
