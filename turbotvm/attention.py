@@ -93,11 +93,12 @@ class TurboAttention:
     @on_torch_stream
     def smoothing(self, k: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
         """K's channel mean and balance factor [B, H_kv, D] float32 (docs/algorithm.md §1)."""
-        k = aligned(as_tensor("k", k))
+        k = as_tensor("k", k)
         check_tensor("k", k, 4, self.device_type)
         check_head_dim("k", k.shape[3], self.config)  # the CUDA kernel covers 64-channel groups
         if dtype_name("k", k, self.config) != dtype:
             raise TypeError(f"k: expected dtype {dtype} (the dtype argument), got {k.dtype}")
+        k = aligned(k)
         mean = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
         factor = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
         self.kernels[names.channel_smoothing_name(dtype)](k, mean, factor)
@@ -150,7 +151,7 @@ class TurboAttention:
     def compress_kv(self, k, v, head_bits) -> CompressedKV:
         """Quantize K (smoothed and balanced) and V to INT8; keep the first 64-token block at INT8 (the sink block) and
         compress each later full block to its head's bits."""
-        k, v = aligned(as_tensor("k", k)), aligned(as_tensor("v", v))
+        k, v = as_tensor("k", k), as_tensor("v", v)
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, 4, self.device_type)
         dtype = dtype_name("k", k, self.config)
@@ -160,6 +161,7 @@ class TurboAttention:
         head_bits = tuple(int(b) for b in np.asarray(head_bits).reshape(-1))
         if len(head_bits) != k.shape[1] or any(b not in CACHE_BITS for b in head_bits):
             raise ValueError(f"head_bits: expected {k.shape[1]} values (one per KV head) from {CACHE_BITS}, got {head_bits}")
+        k, v = aligned(k), aligned(v)
         b, hkv, length, d = k.shape
         k_mean, k_factor = self.smoothing(k, dtype)
         k8, k_scale = self.quantize(k, dtype, (k_mean, k_factor))
@@ -276,7 +278,7 @@ class TurboAttention:
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
         """Attention of one query token q [B,H,1,D] over the whole compressed cache."""
         was_numpy = isinstance(q, np.ndarray)
-        q = aligned(as_tensor("q", q))
+        q = as_tensor("q", q)
         check_tensor("q", q, 4, self.device_type)
         dtype = dtype_name("q", q, self.config)
         b, h, n, d = q.shape
@@ -311,6 +313,7 @@ class TurboAttention:
                                      f"address, got {tensor.data_ptr():#x}")
         check_head_dim("q", d, self.config)
         scale = check_scale(scale, d)
+        q = aligned(q)
         group_size = h // cache.num_kv_heads
         # one launch per bit width: each picks its own splits (a group of few heads takes more), so
         # that every launch fills the GPU
