@@ -69,6 +69,21 @@ def test_decode_cuda_matches_reference(turbo_cuda, rng, batch, heads, kv_heads, 
     assert cosine(out, ref.turbo_decode(q, ref.build_cache(k, v, bits), num_splits=splits)) >= 0.9999
 
 
+def test_cuda_long_sequences_keep_every_token_weight(turbo_cuda, rng):
+    """8K-16K keys whose V drifts along the sequence: a softmax state that shrank at every tile (it did,
+    with SAS(0) < 1) weighs early tokens less, which exact attention and a one-split decode expose."""
+    q, k, v = random_qkv(rng, 1, 4, 2, 1024, 8192, 128)
+    v = 0.5 * v + np.linspace(-1, 1, 8192)[:, None]
+    out = turbo_cuda.prefill(*(torch.from_numpy(x).to("cuda", torch.float16) for x in (q, k, v)))
+    q, k, v = (torch.from_numpy(x).half().double().numpy() for x in (q, k, v))
+    assert cosine(out.float().cpu().numpy(), ref.exact_attention(q, k, v)) >= 0.998
+    q, k, v = random_qkv(rng, 1, 4, 4, 1, 16384 + 17, 128)
+    v = 0.5 * v + np.linspace(-1, 1, v.shape[2])[:, None]
+    cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), [4] * 4)
+    out = turbo_cuda.decode(torch.from_numpy(q).cuda(), cache, num_splits=1).cpu().numpy()
+    assert cosine(out, ref.turbo_decode(q, ref.build_cache(k, v, [4] * 4), num_splits=1)) >= 0.9999
+
+
 def test_decode_cuda_auto_splits(turbo_cuda, rng):
     """The default split count (filled GPU) changes only how partial states are merged."""
     q, k, v = random_qkv(rng, 1, 8, 8, 1, 4096, 128)

@@ -3,7 +3,7 @@
 import numpy as np
 
 from turbotvm import reference as ref
-from turbotvm.algorithm import CACHE_GROUP, INT8_MAX, QUANT_BLOCK, SAS_MAX_INT
+from turbotvm.algorithm import CACHE_GROUP, INT8_MAX, QUANT_BLOCK, SAS_LUT, SAS_MAX_INT, SAS_POLY
 from turbotvm.testing import cosine, random_qkv
 
 
@@ -85,6 +85,35 @@ def test_turbo_prefill_close_to_exact(rng):
     assert cosine(ref.turbo_prefill(q, k, v, causal=True), ref.exact_attention(q, k, v, causal=True)) > 0.999
 
 
+def _trending_qkv(rng, kv_len):
+    """Random Q, K and a V that drifts along the sequence, as positional content does in real V."""
+    q, k, v = random_qkv(rng, 1, 2, 2, 1, kv_len, 64)
+    return q, k, 0.5 * v + np.linspace(-1, 1, kv_len)[:, None]
+
+
+def test_sas_is_one_at_zero_so_a_state_whose_max_stays_is_not_rescaled():
+    """corr = SAS(0) for every tile that does not raise the running max; it must be exactly 1, in the
+    float64 reference and in the kernels' float32 Horner evaluation (a table step at y = 0)."""
+    assert ref.sas_exp(0.0) == 1.0
+    c3, c2, c1, c0 = np.float32(SAS_POLY)
+    y = np.float32(0)
+    assert np.float32(SAS_LUT[0]) * (((c3 * y + c2) * y + c1) * y + c0) == np.float32(1)
+
+
+def test_turbo_prefill_and_decode_keep_every_token_weight_over_long_sequences(rng):
+    """8K keys (128 tiles) with a drift in V: a state shrunk by a constant factor per tile would weigh
+    early tokens less and move the output (cos 0.4-0.75 with SAS(0) = 0.99941)."""
+    q, k, v = _trending_qkv(rng, 8192)
+    assert cosine(ref.turbo_prefill(q, k, v), ref.exact_attention(q, k, v)) > 0.998
+    # decode in one split (127 INT4 tiles in one state) vs exact attention on the cache's own values,
+    # so that only the softmax differs
+    cache = ref.build_cache(k, v, [4, 4])
+    k_cached, v_cached = (x8 * np.repeat(scale, QUANT_BLOCK, axis=2)[..., None]
+                          for x8, scale in ((cache.k8, cache.ks), (cache.v8, cache.vs)))
+    exact = ref.exact_attention(ref.balance_q(q, cache.k_factor), k_cached, v_cached)
+    assert cosine(ref.turbo_decode(q, cache, num_splits=1), exact) > 0.998
+
+
 def test_exact_attention_matches_softmax_formula(rng):
     q, k, v = random_qkv(rng, 1, 2, 1, 5, 7, 64)
     s = np.einsum("bhid,bhjd->bhij", q.astype(float), np.repeat(k, 2, 1).astype(float)) / 8
@@ -99,3 +128,8 @@ def test_sas_never_increases_so_p_codes_stay_within_int8():
     t = np.linspace(0, SAS_MAX_INT + 1, 2_000_001)
     p = ref.sas_exp(-t)
     assert np.all(np.diff(p) <= 0)
+    # at each step, in float32 as the kernels evaluate it: LUT[n - 1] * poly(-1) >= LUT[n] * poly(0)
+    c3, c2, c1, c0 = np.float32(SAS_POLY)
+    lut = np.float32(SAS_LUT)
+    y = np.float32(-1)
+    assert np.all(lut[:-1] * (((c3 * y + c2) * y + c1) * y + c0) >= lut[1:] * c0)

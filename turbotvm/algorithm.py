@@ -23,9 +23,12 @@ INT8_MAX = 127
 #: Entries with n > SAS_MAX_INT (x < -(SAS_MAX_INT + 1)) are exactly zero (the sparsity).
 SAS_MAX_INT = 9
 SAS_LUT = tuple(math.exp(-n) for n in range(SAS_MAX_INT + 1))
-#: Cubic for e^y on y in [-1, 0], least squares in relative error (max rel. error 5.9e-4);
-#: highest degree first, evaluated by Horner's rule.
-SAS_POLY = (0.09929416, 0.45745489, 0.989911, 0.99941428)
+#: Cubic for e^y on y in [-1, 0], highest degree first (Horner's rule): minimax in relative error
+#: (4.5e-4) under two pins. poly(0) = 1 exactly, so SAS(0) = 1 and an online-softmax state whose max
+#: does not move is rescaled by exactly 1: with poly(0) = 0.99941 (the unpinned fit) every such tile
+#: shrank the state, weighing a token T tiles back by 0.99941**T (0.74 at 32K tokens).
+#: poly(-1) = e^-1 (1 + 2^-21): SAS still decreases across the table's steps, also in float32.
+SAS_POLY = (0.1004844986, 0.4613724595, 0.9930083443, 1.0)
 
 #: Head dims with kernels (the tiles assume D a multiple of 32 and at most 128).
 SUPPORTED_HEAD_DIMS = (64, 128)
