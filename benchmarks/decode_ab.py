@@ -1,10 +1,11 @@
-"""The packed decode split kernel of another source file vs this tree's, side by side on the same caches.
+"""The decode step kernel of another source file vs this tree's, side by side on the same caches.
 
     git show main:turbotvm/kernels/decode_cuda.py > /tmp/decode_cuda_main.py
     python benchmarks/decode_ab.py /tmp/decode_cuda_main.py
 
-Both read the cache as this tree lays it out. Per shape and bit width: the split kernel alone (median of
-CUDA-event timings), the GB/s of cache it reads, and whether its partial states equal this tree's bit for bit.
+Both read the cache as this tree lays it out and must provide ``decode_step_cuda`` (one launch per
+step). Per shape and bit width: the step kernel alone (median of CUDA-event timings), the GB/s of
+cache it reads, and whether its output equals this tree's bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import tvm
 from turbotvm import TurboAttention
 from turbotvm.bench import median_ms
 from turbotvm.kernels import decode_cuda
-from turbotvm.kernels.sas import NEG_BIG
 
 SHAPES = [(1, 32, 32768, 128), (1, 32, 131072, 128), (16, 32, 32768, 128), (4, 32, 16384, 64)]
 
@@ -35,8 +35,8 @@ def load_module(path: Path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("other", type=Path, help="another decode_cuda.py")
-    parser.add_argument("--other-arg", type=int, default=0, help="the other kernel's third argument (a knob)")
-    parser.add_argument("--this-args", default="0", help="this tree's kernel's third argument(s), comma-separated")
+    parser.add_argument("--other-arg", type=int, default=0, help="the other kernel's stages knob")
+    parser.add_argument("--this-args", default="0", help="this tree's kernel's stages knob(s), comma-separated")
     args = parser.parse_args(argv)
     arch = {"kind": "cuda", "arch": "sm_%d%d" % torch.cuda.get_device_capability()}
     target = tvm.target.Target(arch)
@@ -46,25 +46,28 @@ def main(argv=None):
     turbo = TurboAttention.build(arch, head_dims=(64, 128), dtypes=("float16",))
     torch.manual_seed(0)
     for b, h, length, d in SHAPES:
-        k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.float16) for _ in range(2))
+        # 17 tokens past whole blocks: the open block is present, as in most steps
+        k, v = (torch.randn(b, h, length + 17, d, device="cuda", dtype=torch.float16) for _ in range(2))
         q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.float16)
         for bits in (4, 2):
             cache = turbo.compress_kv(k, v, [bits] * h)
             splits = turbo._auto_splits(q, cache.packed_len)
-            q8, q_scale = turbo._quantize_query(q, "float16", cache.k_factor)
+            _, o_part, m_part, l_part, counters = turbo._decode_workspace(q, splits + 2)
+            regions = (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
+                       cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale)
             group = cache.groups[0]
-            line, states = f"B{b} H{h} L{length} D{d} {bits}-bit, {splits} splits:", {}
+            line, outs = f"B{b} H{h} L{length + 17} D{d} {bits}-bit, {splits} splits:", {}
             for name, (module, arg) in variants.items():
-                func = module.decode_split_packed(d, bits, arg).with_attr("global_symbol", "split")
-                kernel = tvm.compile(tvm.IRModule({"split": func}), target=target)["split"]
-                state = (torch.zeros((b, h, splits, d), device="cuda"), torch.full((b, h, splits), NEG_BIG, device="cuda"),
-                         torch.zeros((b, h, splits), device="cuda"))
-                ms = median_ms(lambda: kernel(q8, q_scale, group.heads, *group.tensors(), *state, d**-0.5, 1, splits, 0,
-                                              cache.packed_len))
-                states[name] = state
+                func = module.decode_step_cuda(d, bits, "float16", arg).with_attr("global_symbol", "step")
+                kernel = tvm.compile(tvm.IRModule({"step": func}), target=target)["step"]
+                out = torch.empty_like(q)
+                ms = median_ms(lambda: kernel(q, cache.k_factor, group.heads, *group.tensors(), *regions, o_part,
+                                              m_part, l_part, counters, out, d**-0.5, 1, splits, cache.packed_len,
+                                              cache.sink_len, cache.length - cache.compressed_len))
+                outs[name] = out
                 line += f" | {name} {ms * 1000:.1f} us, {cache.nbytes() / ms / 1e6:.0f} GB/s"
-            same = all(torch.equal(x, y) for name in states for x, y in zip(states["other"], states[name]))
-            print(line + f" | states {'bitwise equal' if same else 'DIFFER'}", flush=True)
+            same = all(torch.equal(outs["other"], out) for out in outs.values())
+            print(line + f" | outputs {'bitwise equal' if same else 'DIFFER'}", flush=True)
         del k, v
 
 

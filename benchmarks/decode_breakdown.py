@@ -71,7 +71,7 @@ def main(argv=None):
     print(f"B={b} H={h} L={length + 17} D={d} {args.bits}-bit: {read / 1e6:.1f} MB of cache")
     for name, fn in steps.items():
         call, device = median_ms(fn), device_ms(fn)
-        extra = f"  {read / device / 1e6:.0f} GB/s of cache" if "split" in name or "end" in name else ""
+        extra = f"  {read / device / 1e6:.0f} GB/s of cache" if "step" in name or "end" in name else ""
         print(f"{name:28s} one call {call * 1e3:8.1f} us   device {device * 1e3:8.1f} us{extra}")
 
 

@@ -23,8 +23,8 @@ for d in (64, 128):
     out = turbo.decode(torch.from_numpy(q).to("cuda", torch.float16), cache, num_splits=2)
     expected = ref.turbo_decode(q, ref.build_cache(k, v, [4, 2]), num_splits=2)
     print(f"D={d} decode cos vs reference", cosine(out.float().cpu().numpy(), expected))
-# mixed bits with the chosen splits: the 2-bit launch takes more than the 4-bit one, whose heads then
-# leave slots for the merge to read as empty
+# mixed bits with the chosen splits: the 2-bit launch takes more than the 4-bit one (each merges its
+# own heads' slots)
 head_bits = [4, 4, 4, 2] * 4
 q, k, v = (x.astype(np.float16).astype(np.float64) for x in random_qkv(rng, 4, 16, 16, 1, 64 * 32 + 5, 128))
 cache = turbo.compress_kv(*(torch.from_numpy(x).to("cuda", torch.float16) for x in (k, v)), head_bits)

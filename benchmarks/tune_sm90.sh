@@ -15,9 +15,9 @@ if [[ $WHAT == all || $WHAT == prefill ]]; then
 fi
 if [[ $WHAT == all || $WHAT == decode ]]; then
   # H=32, L=32K, with the split counts the runtime picks on 132 SMs (about 8 CTAs per SM); the ring's
-  # stages: hand (0), 2, 3, 4. (2026-12-03: the B=16 line ran out of time after the 4-bit kernels.)
-  kernels=decode_split_b4_d64,decode_split_b4_d128,decode_split_b2_d64,decode_split_b2_d128
-  tune --kernels decode --batch 1 --seq-len 32768 --heads 32 --kv-heads 32 --splits 33 --trials 4 --only $kernels
+  # stages: hand (0), 2, 3, 4
+  kernels=decode_step_b4_d64_float16,decode_step_b4_d128_float16,decode_step_b2_d64_float16,decode_step_b2_d128_float16
+  tune --kernels decode --batch 1 --seq-len 32768 --heads 32 --kv-heads 32 --splits 32 --trials 4 --only $kernels
   tune --kernels decode --batch 16 --seq-len 32768 --heads 32 --kv-heads 32 --splits 2 --trials 4 --only $kernels
 fi
 # shipped compressed (whole kernels, ~0.5 MB each; lookup reads the .xz, tuning expands it to resume)

@@ -1,6 +1,7 @@
 """Codegen: CUDA source without a GPU, nvcc on it, export -> load in a new process, bad module files."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +23,8 @@ def cuda_source(tmp_path_factory):
 def test_cuda_source_has_every_kernel(cuda_source):
     _, source = cuda_source
     for name in ("prefill_tc_causal_d128_float16", "prefill_tc_full_d64_float16", "quantize_vt_float16_d128",
-                 "quantize_rows_smoothed_float16_d64", "decode_split_b4_d128", "decode_split_b2_d64",
-                 "decode_int8_d64_float16", "decode_merge_d128_float16", "compress_v_b2", "quantize_smoothed_float16",
+                 "quantize_rows_smoothed_float16_d64", "decode_step_b4_d128_float16",
+                 "decode_step_b2_d64_float16", "compress_v_b2", "quantize_smoothed_float16",
                  "channel_smoothing_float16"):
         assert f"{name}_kernel" in source, name
 
@@ -39,11 +40,11 @@ def test_cuda_prefill_runs_on_int8_tensor_cores(cuda_source):
         assert "__shared__" in body and "warp_reduce_max_4" in body, name  # row max over 4 lanes
 
 
-def test_cuda_decode_split_reads_tiles_by_the_copy_engine(cuda_source):
+def test_cuda_decode_step_reads_tiles_by_the_copy_engine(cuda_source):
     """Each tile: one mbarrier expect_tx of the tile's bytes and six bulk copies (K, V codes; their steps
     and zeros), at the ring's warm-up and in the tile loop; no global loads of codes by the threads."""
     _, source = cuda_source
-    for name, tile_bytes in (("decode_split_b4_d128", 9472), ("decode_split_b2_d64", 2816)):
+    for name, tile_bytes in (("decode_step_b4_d128_float16", 9472), ("decode_step_b2_d64_float16", 2816)):
         start = source.index(f"{name}_kernel(", source.index(f"{name}_kernel(") + 1)  # after the declaration
         body = source[start: source.index("\n}\n", start)]
         expects = body.count("expect_tx_shared_b64(") - body.count("expect_tx_shared_b64(uint32_t")
@@ -51,11 +52,34 @@ def test_cuda_decode_split_reads_tiles_by_the_copy_engine(cuda_source):
         assert expects >= 2 and copies == 6 * expects, name
         assert f"(uint){tile_bytes})" in body and "tvm_builtin_cuda_mbarrier_wait(" in body, name
         assert "k_codes_ptr[" not in body.replace("(&(k_codes_ptr[", ""), name  # addresses only
+        # one launch per step: the head's last CTA (by an atomic count) merges the slots, read through L2
+        assert body.count("atomicAdd(") == 1 and "__threadfence()" in body and "__ldcg(" in body, name
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_cuda_decode_split_before_sm90_loads_by_threads(tmp_path):
-    """sm_80/sm_89 have no bulk copies or mbarrier transactions: their split kernels load the codes
+def test_cuda_decode_step_keeps_eight_ctas_per_sm(cuda_source, tmp_path):
+    """The split count assumes 8 step CTAs per SM: at most 64 registers (no spills) and a ring that
+    fits 8 CTAs' shared memory, for every head dim and bit width (ptxas -v on the emitted source)."""
+    path, _ = cuda_source
+    result = subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-Xptxas", "-v", str(path), "-o",
+                             str(tmp_path / "k.cubin")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = {}  # kernel -> (spill bytes, registers, shared memory bytes)
+    for chunk in result.stderr.split("Compiling entry function '")[1:]:
+        name = chunk.split("'")[0]
+        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", chunk))
+        smem = re.search(r"(\d+) bytes smem", chunk)
+        report[name] = (spills, int(re.search(r"Used (\d+) registers", chunk)[1]), int(smem[1]) if smem else 0)
+    steps = {name: usage for name, usage in report.items() if name.startswith("decode_step_")}
+    assert len(steps) == 4, sorted(report)
+    for name, (spills, registers, smem) in steps.items():
+        assert registers <= 64 and spills == 0, (name, registers, spills)
+        assert 8 * (smem + 1024) <= 228 * 1024, (name, smem)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_decode_step_before_sm90_loads_by_threads(tmp_path):
+    """sm_80/sm_89 have no bulk copies or mbarrier transactions: their step kernels load the codes
     by the threads, and compile for their arch."""
     import tvm
 
@@ -63,9 +87,9 @@ def test_cuda_decode_split_before_sm90_loads_by_threads(tmp_path):
 
     for arch, bulk in (("sm_80", False), ("sm_89", False), ("sm_90", True), ("sm_90a", True), (None, True)):
         funcs = make_kernel_set(KernelSetConfig((64, 128), ("float16",)), "cuda", arch).funcs
-        assert ('"async", "bulk"' in funcs["decode_split_b4_d128"].script()) == bulk, arch
+        assert ('"async", "bulk"' in funcs["decode_step_b4_d128_float16"].script()) == bulk, arch
     funcs = {n: f for n, f in make_kernel_set(KernelSetConfig((64, 128), ("float16",)), "cuda", "sm_80").funcs.items()
-             if n.startswith("decode_split_b")}
+             if n.startswith("decode_step_b")}
     source = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) \
         .mod.imports[0].inspect_source()
     assert "mbarrier" not in source and "bulk" not in source
@@ -206,7 +230,7 @@ def test_every_cuda_knob_setting_compiles_for_sm90():
     from turbotvm.tuning.variants import FAMILIES, _registry, settings_of
 
     _registry()
-    names = {"prefill_tc": "prefill_tc_causal_d128_float16", "decode_split_packed": "decode_split_b2_d128"}
+    names = {"prefill_tc": "prefill_tc_causal_d128_float16", "decode_step_cuda": "decode_step_b4_d128_float16"}
     funcs = {}
     for family_name, kernel in names.items():
         family = FAMILIES[family_name]
@@ -223,8 +247,8 @@ def test_every_cuda_knob_setting_compiles_for_sm90():
     assert "__launch_bounds__(128, 1) prefill_tc_0_kernel" in launch_bounds
     assert "__launch_bounds__(128, 3) prefill_tc_2_kernel" in launch_bounds
     assert "__launch_bounds__(256, 1) prefill_tc_6_kernel" in launch_bounds
-    # decode's stages (hand = 4 for 2-bit D=128, 2, 3, 4): rings of 5376-byte tiles, in 4-byte words
-    assert all(f"int ring_ptr[{1344 * stages}];" in source for stages in (2, 3, 4))
+    # decode's stages (hand = 2 for 4-bit D=128, 2, 3, 4): rings of 9472-byte tiles, in 4-byte words
+    assert all(f"int ring_ptr[{2368 * stages}];" in source for stages in (2, 3, 4))
 
 
 def test_module_for_another_cpu_is_refused(exported):

@@ -94,9 +94,8 @@ def test_decode_cuda_auto_splits(turbo_cuda, rng):
 
 
 def test_decode_cuda_mixed_bits_auto_splits_per_launch(turbo_cuda, rng):
-    """Each bit width's launch picks splits for its own heads (the 2-bit quarter takes more), and the
-    slots the 4-bit launch leaves unwritten merge as empty: every head matches the reference at its
-    group's split count."""
+    """Each bit width's launch picks splits for its own heads (the 2-bit quarter takes more) and merges
+    only its heads' slots: every head matches the reference at its group's split count."""
     head_bits = [2 if h % 4 == 3 else 4 for h in range(16)]
     q, k, v = realistic_qkv(rng, 4, 16, 16, 1, 2048 + 40, 128)
     cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), head_bits)
@@ -114,8 +113,8 @@ def test_decode_cuda_mixed_bits_auto_splits_per_launch(turbo_cuda, rng):
 @pytest.mark.parametrize("length", [1, 37, 64, 65, 128, 191])
 @pytest.mark.parametrize("head_dim,dtype", [(64, "bfloat16"), (128, "float16")])
 def test_decode_cuda_int8_regions(turbo_cuda, rng, length, head_dim, dtype):
-    """The step's first launch attends to the sink and the open block, each present or not (lengths
-    around the block edges), GQA 4."""
+    """The step's INT8 CTAs attend to the sink and the open block, each present or not (lengths around
+    the block edges; below 128 tokens no packed group: a stand-in one), GQA 4."""
     q, k, v = realistic_qkv(rng, 2, 8, 2, 1, length, head_dim)
     q_cuda = torch.from_numpy(q).to("cuda", getattr(torch, dtype))
     cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), [4, 2])
@@ -124,24 +123,26 @@ def test_decode_cuda_int8_regions(turbo_cuda, rng, length, head_dim, dtype):
     assert cosine(out, expected) >= 0.9995  # bf16 / fp16 output rounding
 
 
-def test_decode_int8_quantizes_q_as_the_row_kernel(turbo_cuda, rng):
-    """The q8 and q_scale decode_int8 writes for the split kernels are bit for bit those of
-    quantize_rows 'balanced' (an all-zero head included)."""
-    from turbotvm.kernel_set import decode_int8_name
-
-    q, k, v = realistic_qkv(rng, 3, 8, 2, 1, 64 + 10, 128)
+def test_decode_step_counts_reset_and_steps_repeat(turbo_cuda, rng):
+    """The head's last CTA merges and sets its count back to zero: steps repeat bit for bit from one
+    workspace, eagerly and replayed from a CUDA graph (an all-zero q head included: uniform attention)."""
+    q, k, v = realistic_qkv(rng, 3, 8, 2, 1, 64 * 12 + 10, 128)
     q[:, 5] = 0
     q_cuda = torch.from_numpy(q).to("cuda", torch.float16)
-    cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), [4, 4])
-    expected_q8, expected_scale = turbo_cuda._quantize_query(q_cuda, "float16", cache.k_factor)
-    q8, q_scale = torch.full_like(expected_q8, 99), torch.full_like(expected_scale, -1)
-    o_part, m_part, l_part = (torch.empty(shape, device="cuda") for shape in ((3, 8, 2, 128), (3, 8, 2), (3, 8, 2)))
-    turbo_cuda.kernels[decode_int8_name(128, "float16")](
-        q_cuda, cache.k_factor, q8, q_scale, cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
-        cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale, o_part, m_part, l_part,
-        128 ** -0.5, 0, 64, 10, 0)
-    assert torch.equal(q8, expected_q8)
-    assert torch.equal(q_scale, expected_scale)
+    cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), [4, 2])
+    first = turbo_cuda.decode(q_cuda, cache, num_splits=4)
+    counters = turbo_cuda._decode_workspace(q_cuda, 4 + 2)[-1]  # the one that call used
+    assert counters.shape == (3, 8) and torch.count_nonzero(counters) == 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = turbo_cuda.decode(q_cuda, cache, num_splits=4)
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(turbo_cuda.decode(q_cuda, cache, num_splits=4), first)
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, first)
+    expected = ref.turbo_decode(q_cuda.double().cpu().numpy(), ref.build_cache(k, v, [4, 2]), num_splits=4)
+    assert cosine(first.float().cpu().numpy(), expected) >= 0.9995
 
 
 def test_cpu_tensor_refused_by_cuda_build(turbo_cuda, rng):
@@ -183,17 +184,17 @@ def test_prefill_warps_knob_matches_reference(turbo_cuda, rng, warps, shape, cau
 
 @pytest.mark.parametrize("stages,copy_engine", [(2, True), (3, True), (0, False)])
 @pytest.mark.parametrize("splits", [1, 5, 16])
-def test_decode_split_variants_match_reference(turbo_cuda, rng, splits, stages, copy_engine):
+def test_decode_step_variants_match_reference(turbo_cuda, rng, splits, stages, copy_engine):
     """Rings of 2 and 3 tiles, and the pre-sm_90 kernel (threads load the codes); CTAs with 14, 3, 2, 1
     and 0 tiles (16 splits of 14)."""
-    from turbotvm.kernel_set import decode_split_name
-    from turbotvm.kernels.decode_cuda import decode_split_packed
+    from turbotvm.kernel_set import decode_step_name
+    from turbotvm.kernels.decode_cuda import decode_step_cuda
 
     bits = [4, 2, 4, 4]
     variant = turbo_cuda
     for b in (2, 4):
-        variant = _with_kernel(variant, decode_split_name(128, b),
-                               decode_split_packed(128, b, stages=stages, copy_engine=copy_engine))
+        variant = _with_kernel(variant, decode_step_name(128, b, "float32"),
+                               decode_step_cuda(128, b, "float32", stages=stages, copy_engine=copy_engine))
     q, k, v = realistic_qkv(rng, 2, 8, 4, 1, 1000, 128)
     cache = variant.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), bits)
     out = variant.decode(torch.from_numpy(q).cuda(), cache, num_splits=splits).cpu().numpy()

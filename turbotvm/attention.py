@@ -211,8 +211,8 @@ class TurboAttention:
     # ------------------------------------------------------------------ decode
 
     def _quantize_query(self, q, dtype, k_factor, q8=None, q_scale=None):
-        """INT8 query balanced by K's factor, as decode computes it (on CUDA inside decode_int8): for
-        tools that time a split kernel alone."""
+        """INT8 query balanced by K's factor, as decode computes it (on CUDA inside each CTA of the
+        step kernel): for tools and tests that check q's codes."""
         if self.device_type != "cuda":
             return self.quantize(q, dtype, balance=k_factor)
         b, h, n, d = q.shape
@@ -222,12 +222,13 @@ class TurboAttention:
         return q8, q_scale
 
     def _decode_workspace(self, q, slots: int) -> tuple:
-        """Scratch of one decode (q8, q_scale, partial states, o_part, m_part, l_part).
+        """Scratch of one decode: (partial states, o_part, m_part, l_part, counters).
 
         On CUDA it is reused by the next call of the same shape on the same stream and thread: the
         kernels of consecutive calls on one stream run in order, so the reuse is safe, and another
         stream or thread gets its own. Allocating the scratch per step cost about 30 us of host time
-        on the H200 machine, a third of a short decode step.
+        on the H200 machine, a third of a short decode step. ``counters`` (CUDA: [B, H] int32, zero)
+        count each head's finished CTAs; the last one merges and sets its count back to zero.
         """
         b, h, _, d = q.shape
 
@@ -240,13 +241,13 @@ class TurboAttention:
             return state, state[:o_size].view(b, h, slots, d), m_l[0].view(b, h, slots), m_l[1].view(b, h, slots)
 
         if self.device_type != "cuda":
-            return (None, None, *partials())  # the CPU quantizes q through ``quantize``, which allocates
+            return (*partials(), None)
         key = (q.device, torch.cuda.current_stream(q.device).cuda_stream, threading.get_ident(), b, h, d, slots)
         workspace = self._workspaces.pop(key, None)
         if workspace is None:
             if len(self._workspaces) >= DECODE_WORKSPACES:
                 self._workspaces.pop(next(iter(self._workspaces)))  # the least recently used
-            workspace = (self._empty(q, (b, h, 1, d), torch.int8), self._empty(q, (b, h, 1), torch.float32), *partials())
+            workspace = (*partials(), torch.zeros((b, h), dtype=torch.int32, device=q.device))
         self._workspaces[key] = workspace
         return workspace
 
@@ -264,6 +265,23 @@ class TurboAttention:
                 torch.zeros((batch, kv_heads, 1, head_dim), dtype=torch.int8, device=device))
         return constants
 
+    def _no_packed_group(self, device, batch: int, kv_heads: int, head_dim: int) -> PackedGroup:
+        """A stand-in 4-bit group of every KV head with one zero block, for a CUDA step over a cache
+        with no packed tokens (its launch reads none of them: it attends to the INT8 regions and merges)."""
+        key = ("no packed group", device, batch, kv_heads, head_dim)
+        group = self._decode_constants.get(key)
+        if group is None:
+            def zeros(*shape, dtype=torch.uint8):
+                return torch.zeros((batch, kv_heads, *shape), dtype=dtype, device=device)
+
+            meta = (1, QUANT_BLOCK // CACHE_GROUP, head_dim)
+            group = self._decode_constants[key] = PackedGroup(
+                4, torch.arange(kv_heads, dtype=torch.int32, device=device),
+                zeros(QUANT_BLOCK, head_dim // 2 + CACHE_K_OUTLIERS), zeros(*meta), zeros(*meta, dtype=torch.int8),
+                zeros(1, dtype=torch.float32), zeros(QUANT_BLOCK, head_dim // 2), zeros(*meta),
+                zeros(*meta, dtype=torch.int8), zeros(1, dtype=torch.float32))
+        return group
+
     def _auto_splits(self, q, compressed_len: int, heads: int | None = None) -> int:
         """Splits for a launch over ``heads`` query heads (default: all of q's) of every sequence."""
         if self.device_type != "cuda":
@@ -272,7 +290,8 @@ class TurboAttention:
         if sms is None:
             sms = self._sm_count[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
         tiles = max(1, -(-compressed_len // QUANT_BLOCK))
-        return max(1, min(tiles, SPLIT_CTAS_PER_SM * sms // (q.shape[0] * (heads or q.shape[1]))))
+        splits = max(1, min(tiles, SPLIT_CTAS_PER_SM * sms // (q.shape[0] * (heads or q.shape[1]))))
+        return -(-tiles // -(-tiles // splits))  # only as many as get tiles (each takes ceil(tiles / splits))
 
     @on_torch_stream
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
@@ -315,40 +334,61 @@ class TurboAttention:
         scale = check_scale(scale, d)
         q = aligned(q)
         group_size = h // cache.num_kv_heads
-        # one launch per bit width: each picks its own splits (a group of few heads takes more), so
-        # that every launch fills the GPU
-        group_splits = [int(num_splits) or self._auto_splits(q, packed_len, len(group.heads) * group_size)
-                        for group in cache.groups]
-        # slots [0, S) for the packed 4/2-bit blocks (S: the most splits of a group), then one for the
-        # INT8 sink block and one for the INT8 open block (a region the cache lacks: the neutral state).
-        # Each split CTA writes its slot (an empty split the neutral state); heads of a group with fewer
-        # splits than S leave slots unwritten, so then slots [0, S) are first marked empty (m = NEG_BIG,
-        # finite: its weight in the merge is 0)
-        split_slots = max(group_splits, default=0)
-        int8_slot = split_slots
-        q8, q_scale, partial_states, o_part, m_part, l_part = self._decode_workspace(q, split_slots + 2)
-        empty_slots = split_slots if len(set(group_splits)) > 1 else 0
         # the INT8 regions (sink, open block); an absent one is read as 0 tokens of the other's tensors
         sink = (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale)
         open_block = (cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale)
         regions = ((sink if sink[0] is not None else open_block, sink_len),
                    (open_block if open_block[0] is not None else sink, cache.length - cache.compressed_len))
-        if self.device_type == "cuda":  # first: it writes q8 and q_scale for the group launches
-            self.kernels[names.decode_int8_name(d, dtype)](
-                q, cache.k_factor, q8, q_scale, *regions[0][0], *regions[1][0], o_part, m_part, l_part, scale,
-                int8_slot, regions[0][1], regions[1][1], empty_slots)
-        else:  # the generic kernels: q's quantization, then each INT8 region as a one-split group
-            if empty_slots:
-                partial_states.fill_(NEG_BIG)
-            q8, q_scale = self._quantize_query(q, dtype, cache.k_factor)
-            heads, unused_step, unused_zero = self._int8_constants(q.device, b, cache.num_kv_heads, d)
-            for slot, ((k8, k8_scale, v8, v8_scale), tokens) in enumerate(regions, int8_slot):
-                self.kernels[names.decode_split_name(d, 8)](
-                    q8, q_scale, heads, k8, unused_step, unused_zero, k8_scale, v8, unused_step, unused_zero, v8_scale,
-                    o_part, m_part, l_part, scale, group_size, 1, slot, tokens)
+        if self.device_type == "cuda":
+            out = self._decode_steps(q, cache, dtype, scale, int(num_splits), group_size, regions)
+        else:
+            out = self._decode_generic(q, cache, dtype, scale, int(num_splits), group_size, regions)
+        return out.numpy() if was_numpy else out
+
+    def _decode_steps(self, q, cache, dtype, scale, num_splits, group_size, regions):
+        """CUDA: one step kernel per bit width group (a cache with no packed tokens: one over a
+        stand-in group), each attending to its heads' packed splits and INT8 regions and merging them.
+
+        Each launch picks its own splits (a group of few heads takes more, to fill the GPU); a head's
+        slots are [0, splits) for its splits, then the sink and the open block's."""
+        b, h, _, d = q.shape
+        groups = cache.groups or [self._no_packed_group(q.device, b, cache.num_kv_heads, d)]
+        group_splits = [num_splits or self._auto_splits(q, cache.packed_len, len(group.heads) * group_size)
+                        for group in groups]
+        _, o_part, m_part, l_part, counters = self._decode_workspace(q, max(group_splits) + 2)
+        out = torch.empty_like(q)
+        for group, splits in zip(groups, group_splits):
+            self.kernels[names.decode_step_name(d, group.bits, dtype)](
+                q, cache.k_factor, group.heads, *group.tensors(), *regions[0][0], *regions[1][0], o_part, m_part,
+                l_part, counters, out, scale, group_size, splits, cache.packed_len, regions[0][1], regions[1][1])
+        return out
+
+    def _decode_generic(self, q, cache, dtype, scale, num_splits, group_size, regions):
+        """LLVM: q's quantization, each INT8 region as a one-split group, the packed groups' splits,
+        then the merge, as separate kernels.
+
+        Slots [0, S) hold the packed splits (S: the most splits of a group), then one for the sink
+        and one for the open block. Each split writes its slot (an empty split the neutral state);
+        heads of a group with fewer splits than S leave slots unwritten, so then slots [0, S) are
+        first marked empty (m = NEG_BIG, finite: its weight in the merge is 0)."""
+        b, h, _, d = q.shape
+        group_splits = [num_splits or self._auto_splits(q, cache.packed_len, len(group.heads) * group_size)
+                        for group in cache.groups]
+        split_slots = max(group_splits, default=0)
+        partial_states, o_part, m_part, l_part, _ = self._decode_workspace(q, split_slots + 2)
+        if len(set(group_splits)) > 1:
+            partial_states.fill_(NEG_BIG)
+        q8, q_scale = self._quantize_query(q, dtype, cache.k_factor)
+        heads, unused_step, unused_zero = self._int8_constants(q.device, b, cache.num_kv_heads, d)
+        for slot, ((k8, k8_scale, v8, v8_scale), tokens) in enumerate(regions, split_slots):
+            self.kernels[names.decode_split_name(d, 8)](
+                q8, q_scale, heads, k8, unused_step, unused_zero, k8_scale, v8, unused_step, unused_zero, v8_scale,
+                o_part, m_part, l_part, scale, group_size, 1, slot, tokens)
         for group, splits in zip(cache.groups, group_splits):
             self.kernels[names.decode_split_name(d, group.bits)](
-                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, splits, 0, packed_len)
+                q8, q_scale, group.heads, *group.tensors(), o_part, m_part, l_part, scale, group_size, splits, 0,
+                cache.packed_len)
         out = torch.empty_like(q)
         self.kernels[names.decode_merge_name(d, dtype)](o_part, m_part, l_part, out)
-        return out.numpy() if was_numpy else out
+        return out
+

@@ -19,7 +19,9 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 #: 2: V codes channel-major per 64-token block; compress/decompress per tensor (compress_k_b4, ...).
 #: 3: CUDA: decode_int8_d{D}_{dtype} (q's quantization, sink and open blocks) replaces decode_split_b8_d{D}.
 #: 4: decode_int8 takes empty_slots (it marks the slots a split launch may leave unwritten).
-KERNEL_ABI = 4
+#: 5: CUDA: decode_step_b{bits}_d{D}_{dtype} (one launch per bit width group) replaces decode_int8,
+#:    decode_split and decode_merge.
+KERNEL_ABI = 5
 
 
 @dataclass(frozen=True)
@@ -90,15 +92,18 @@ HAND_MAPPED = "turbotvm.hand_mapped"
 
 
 def decode_split_name(head_dim: int, bits: int) -> str:
+    """LLVM: one split of a decode step over one bit width group (8: an INT8 region)."""
     return f"decode_split_b{bits}_d{head_dim}"
 
 
-def decode_int8_name(head_dim: int, dtype: str) -> str:
-    """CUDA only: q's quantization and the INT8 sink and open blocks of a decode step, one launch."""
-    return f"decode_int8_d{head_dim}_{dtype}"
+def decode_step_name(head_dim: int, bits: int, dtype: str) -> str:
+    """CUDA: a whole decode step (q's quantization, the INT8 regions, the group's splits, the merge)
+    for the query heads of one bit width group, one launch."""
+    return f"decode_step_b{bits}_d{head_dim}_{dtype}"
 
 
 def decode_merge_name(head_dim: int, dtype: str) -> str:
+    """LLVM: the merge of a decode step's split states."""
     return f"decode_merge_d{head_dim}_{dtype}"
 
 
@@ -117,7 +122,7 @@ def kernel_set_for(config: KernelSetConfig, target) -> KernelSet:
 
 def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm", arch: str | None = None) -> KernelSet:
     """All kernels for a target kind: on CUDA, prefill and decode are the hand-mapped kernels.
-    arch (CUDA: "sm_80", ...): decode's split kernels use the copy engine from sm_90 on (the default)."""
+    arch (CUDA: "sm_80", ...): decode's step kernels use the copy engine from sm_90 on (the default)."""
     funcs, hand_mapped = {}, {}
     copy_engine = decode_cuda.has_copy_engine(arch)
     for dtype in config.dtypes:
@@ -145,15 +150,12 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm", arch: st
                 for causal in (False, True):
                     funcs[prefill_name(d, causal, dtype)] = prefill.prefill(d, causal, dtype)
             if target_kind == "cuda":
-                hand_mapped[decode_int8_name(d, dtype)] = decode_cuda.decode_int8_cuda(d, dtype)
-                hand_mapped[decode_merge_name(d, dtype)] = decode_cuda.decode_merge_cuda(d, dtype)
+                for bits in CACHE_BITS:
+                    hand_mapped[decode_step_name(d, bits, dtype)] = decode_cuda.decode_step_cuda(
+                        d, bits, dtype, copy_engine=copy_engine)
             else:
                 funcs[decode_merge_name(d, dtype)] = decode.decode_merge(d, dtype)
-        if target_kind == "cuda":  # the INT8 tokens: decode_int8 above
-            for bits in CACHE_BITS:
-                hand_mapped[decode_split_name(d, bits)] = decode_cuda.decode_split_packed(d, bits,
-                                                                                         copy_engine=copy_engine)
-        else:
+        if target_kind != "cuda":
             for bits in CACHE_BITS + (8,):
                 funcs[decode_split_name(d, bits)] = decode.decode_split(d, bits)
     funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}

@@ -57,320 +57,11 @@ def _lane_word(x, stride):
     return _pack4(x, *[T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), x, k * stride, 32, 32) for k in (1, 2, 3)])
 
 
-@T.macro
-def cta_ids(ids, tx, by, split, heads, HG, group_size, num_splits, length):
-    """Batch, KV head (within the group), query head and tile range [first, last) of a split CTA."""
-    if tx == 0:
-        ids[0] = T.truncdiv(by, HG * group_size)
-        ids[1] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
-        ids[2] = heads[T.truncdiv(T.truncmod(by, HG * group_size), group_size)] * group_size + T.truncmod(by, group_size)
-        ids[3] = T.min(split * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
-        ids[4] = T.min((split + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
-    T.tvm_storage_sync("shared")
-
-
-def decode_int8_cuda(head_dim: int, in_dtype: str):
-    """The INT8 tokens of a decode step, and q's quantization, in one launch (was three).
-
-    One CTA per (region, batch, query head): region 0 is the sink block, region 1 the open block (the
-    buffer of recent tokens), each at most one 64-token tile; a region of length 0 writes the neutral
-    state. Region 0's CTAs also mark slots [0, empty_slots) empty (the neutral state), for the split
-    launches that follow to overwrite: one with fewer splits than another leaves some unwritten (was a
-    fill launch). Every CTA quantizes its head's q (balanced by K's factor: the math of quantize_rows
-    'balanced', bit for bit), and region 0's CTA writes q8 and q_scale for the packed groups' split
-    kernels, launched after this one.
-    A tile: K rows staged in shared memory and V transposed ([D][64 tokens]); Q·Kᵀ: two threads per
-    token, ``__dp4a`` over half the channels each, summed by a shuffle; SAS online softmax over the
-    tile (block max through shared memory), P codes packed 4 per word; P·V: thread d does ``__dp4a``
-    of the P words with its V row.
-    """
-    D = head_dim
-    DW = D // 4
-    K_STRIDE = DW + 4  # words per K row in shared memory (padding: conflict-free 16-byte reads)
-    # words per V^T row: odd, so that P·V's threads (one row each) read without bank conflicts
-    V_STRIDE = BK // 4 + 1
-    ROW_WORDS = BK * DW // THREADS  # K words, and V words, per thread per tile
-    HALF_WORDS = DW // 2  # K words each of a token's two threads multiplies
-    assert D <= THREADS
-
-    @T.macro
-    def load_rows(k_w, v_w, k_reg, v_reg, b, g, kt, tx, length):
-        """Tile kt's K and V rows as words to registers (tokens past ``length`` read as 0): all loads of
-        the tile issued together, so the CTA waits for global memory once (byte loads of V, packed as
-        they came, waited ~10 times)."""
-        for w in T.unroll(ROW_WORDS):
-            k_reg[w] = T.if_then_else(kt * BK + (w * THREADS + tx) // DW < length,
-                                      k_w[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW], 0)
-            v_reg[w] = T.if_then_else(kt * BK + (w * THREADS + tx) // DW < length,
-                                      v_w[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW], 0)
-
-    @T.prim_func(s_tir=True)
-    def decode_int8_func(q_h: T.handle, k_factor_h: T.handle, q8_h: T.handle, q_scale_h: T.handle,
-                         sink_k_h: T.handle, sink_k_scale_h: T.handle, sink_v_h: T.handle, sink_v_scale_h: T.handle,
-                         open_k_h: T.handle, open_k_scale_h: T.handle, open_v_h: T.handle, open_v_scale_h: T.handle,
-                         o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle,
-                         sm_scale: T.float32, slot_offset: T.int32, sink_len: T.int32, open_len: T.int32,
-                         empty_slots: T.int32):
-        B, H, HKV, LS, NS, LO, NO, S = (T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(),
-                                        T.int32())
-        q = T.match_buffer(q_h, (B, H, 1, D), in_dtype)
-        k_factor = T.match_buffer(k_factor_h, (B, HKV, D), "float32")
-        q8 = T.match_buffer(q8_h, (B, H, 1, D), "int8")
-        q_scale = T.match_buffer(q_scale_h, (B, H, 1), "float32")
-        sink_k = T.match_buffer(sink_k_h, (B, HKV, LS, D), "int8")
-        sink_k_scale = T.match_buffer(sink_k_scale_h, (B, HKV, NS), "float32")
-        sink_v = T.match_buffer(sink_v_h, (B, HKV, LS, D), "int8")
-        sink_v_scale = T.match_buffer(sink_v_scale_h, (B, HKV, NS), "float32")
-        open_k = T.match_buffer(open_k_h, (B, HKV, LO, D), "int8")
-        open_k_scale = T.match_buffer(open_k_scale_h, (B, HKV, NO), "float32")
-        open_v = T.match_buffer(open_v_h, (B, HKV, LO, D), "int8")
-        open_v_scale = T.match_buffer(open_v_scale_h, (B, HKV, NO), "float32")
-        o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
-        m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
-        l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
-        q8_w = T.decl_buffer((B, H, DW), "int32", data=q8.data)
-        sink_kw = T.decl_buffer((B, HKV, LS, DW), "int32", data=sink_k.data)
-        sink_vw = T.decl_buffer((B, HKV, LS, DW), "int32", data=sink_v.data)
-        open_kw = T.decl_buffer((B, HKV, LO, DW), "int32", data=open_k.data)
-        open_vw = T.decl_buffer((B, HKV, LO, DW), "int32", data=open_v.data)
-        for region in T.thread_binding(2, thread="blockIdx.x"):
-            for bh in T.thread_binding(B * H, thread="blockIdx.y"):
-                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    with T.sblock("decode_int8"):
-                        T.reads(q[0:B, 0:H, 0, 0:D], k_factor[0:B, 0:HKV, 0:D],
-                                sink_kw[0:B, 0:HKV, 0:LS, 0:DW], sink_k_scale[0:B, 0:HKV, 0:NS],
-                                sink_vw[0:B, 0:HKV, 0:LS, 0:DW], sink_v_scale[0:B, 0:HKV, 0:NS],
-                                open_kw[0:B, 0:HKV, 0:LO, 0:DW], open_k_scale[0:B, 0:HKV, 0:NO],
-                                open_vw[0:B, 0:HKV, 0:LO, 0:DW], open_v_scale[0:B, 0:HKV, 0:NO])
-                        T.writes(q8_w[0:B, 0:H, 0:DW], q_scale[0:B, 0:H, 0],
-                                 o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
-                        q_words = T.sblock_alloc_buffer((DW,), "int32", scope="shared")
-                        k_tile = T.sblock_alloc_buffer((BK * K_STRIDE,), "int32", scope="shared")
-                        v_tile = T.sblock_alloc_buffer((D * V_STRIDE,), "int32", scope="shared")
-                        v_tile_bytes = T.decl_buffer((D * V_STRIDE * 4,), "int8", data=v_tile.data, scope="shared")
-                        p_words = T.sblock_alloc_buffer((BK // 4,), "int32", scope="shared")
-                        sas_table = T.sblock_alloc_buffer((len(SAS_TABLE),), "float32", scope="shared")
-                        warp_max = T.sblock_alloc_buffer((WARPS,), "float32", scope="shared")
-                        k_reg = T.sblock_alloc_buffer((ROW_WORDS,), "int32", scope="local")
-                        v_reg = T.sblock_alloc_buffer((ROW_WORDS,), "int32", scope="local")
-                        q_frag = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
-                        k_vec = T.sblock_alloc_buffer((HALF_WORDS,), "int32", scope="local")
-                        v_vec = T.sblock_alloc_buffer((BK // 4,), "int32", scope="local")
-                        acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        # m, l, score, tile max, rescale, P scale, 1 / P scale, q' (then q's absmax), q scale
-                        st = T.sblock_alloc_buffer((9,), "float32", scope="local")
-                        s_int = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        pv = T.sblock_alloc_buffer((2,), "int32", scope="local")  # P·V, P sum
-                        code = T.sblock_alloc_buffer((1,), "int32", scope="local")
-
-                        # batch, KV head, query head and the region's length, through shared memory (as
-                        # expressions of runtime sizes ptxas would redo their divisions at every use)
-                        ids = T.sblock_alloc_buffer((4,), "int32", scope="shared")
-                        if tx == 0:
-                            ids[0] = T.truncdiv(bh, H)
-                            ids[1] = T.truncdiv(T.truncmod(bh, H), T.truncdiv(H, HKV))
-                            ids[2] = T.truncmod(bh, H)
-                            ids[3] = T.if_then_else(region == 0, sink_len, open_len)
-                        T.tvm_storage_sync("shared")
-                        b: T.let[T.int32] = ids[0]
-                        g: T.let[T.int32] = ids[1]
-                        hq: T.let[T.int32] = ids[2]
-                        length: T.let[T.int32] = ids[3]
-                        token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
-                        half: T.let[T.int32] = tx % 2
-
-                        # ---- q' = q · K's factor (channel tx), to INT8 by the absmax over its channels
-                        st[7] = T.if_then_else(tx < D, T.Cast("float32", q[b, hq, 0, tx % D]) * k_factor[b, g, tx % D],
-                                               T.float32(0))
-                        st[8] = T.cuda.warp_reduce(T.abs(st[7]), "max", 32)
-                        if tx % 32 == 0:
-                            warp_max[tx // 32] = st[8]
-                        if tx < len(SAS_TABLE):  # ordered before its first read by the tile loop's barriers
-                            sas_table[tx] = sas_table_entry(tx)
-                        T.tvm_storage_sync("shared")
-                        st[8] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
-                        st[8] = T.Select(st[8] > T.float32(0), st[8], T.float32(1))
-                        code[0] = T.Cast("int32", int8_level(st[7], T.float32(INT8_MAX) / st[8]))
-                        st[8] = st[8] / T.float32(INT8_MAX)
-                        # channels 4j..4j+3 sit on lanes 4j..4j+3: gather one word
-                        q_word_of_lane: T.let[T.int32] = _lane_word(code[0], 1)
-                        if tx % 4 == 0 and tx < D:
-                            q_words[tx // 4] = q_word_of_lane
-                            if region == 0:
-                                q8_w[b, hq, tx // 4] = q_word_of_lane
-                        if tx == 0 and region == 0:
-                            q_scale[b, hq, 0] = st[8]
-                        T.tvm_storage_sync("shared")
-                        for i in T.unroll(HALF_WORDS):
-                            q_frag[i] = q_words[half * HALF_WORDS + i]
-
-                        st[0] = T.float32(NEG_BIG)
-                        st[1] = T.float32(0)
-                        acc[0] = T.float32(0)
-                        for kt in T.serial(T.ceildiv(length, BK)):
-                            T.tvm_storage_sync("shared")
-                            # ---- K rows as they are (4 codes per word), V transposed to [D][64 tokens]
-                            if region == 0:
-                                load_rows(sink_kw, sink_vw, k_reg, v_reg, b, g, kt, tx, length)
-                            else:
-                                load_rows(open_kw, open_vw, k_reg, v_reg, b, g, kt, tx, length)
-                            for w in T.unroll(ROW_WORDS):
-                                k_tile[(w * THREADS + tx) // DW * K_STRIDE + tx % DW] = k_reg[w]
-                                for j in T.unroll(4):  # byte j of the word: channel 4 * (tx % DW) + j
-                                    v_tile_bytes[(4 * (tx % DW) + j) * V_STRIDE * 4 + (w * THREADS + tx) // DW] = T.Cast(
-                                        "int8", T.shift_right(v_reg[w], 8 * j))
-                            T.tvm_storage_sync("shared")
-
-                            # ---- score of token tx // 2 (both threads of the pair hold it)
-                            s_int[0] = 0
-                            for i4 in T.unroll(HALF_WORDS // 4):
-                                for w in T.vectorized(4):
-                                    k_vec[i4 * 4 + w] = k_tile[token * K_STRIDE + half * HALF_WORDS + i4 * 4 + w]
-                            for i in T.unroll(HALF_WORDS):
-                                s_int[0] = _dp4a(q_frag[i], k_vec[i], s_int[0])
-                            s_int[0] = s_int[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_int[0], 1, 32, 32)
-                            st[2] = T.if_then_else(
-                                kt * BK + token < length,
-                                T.Cast("float32", s_int[0]) * st[8]
-                                * T.if_then_else(region == 0, sink_k_scale[b, g, kt], open_k_scale[b, g, kt]) * sm_scale,
-                                T.float32(NEG_BIG))
-                            st[3] = T.cuda.warp_reduce(st[2], "max", 32)
-                            if tx % 32 == 0:
-                                warp_max[tx // 32] = st[3]
-                            T.tvm_storage_sync("shared")
-                            st[3] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
-                            st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
-                            st[5] = sas_exp_from_table(st[3] - T.max(st[0], st[3]), sas_table) / T.float32(INT8_MAX)
-                            st[0] = T.max(st[0], st[3])
-                            st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
-                            code[0] = T.if_then_else(
-                                T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
-                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]),
-                                                      T.float32(INT8_MAX))),
-                                0)
-                            # tokens 4j..4j+3 sit on lanes 8j, +2, +4, +6: gather and store one word
-                            p_word_of_lane: T.let[T.int32] = _lane_word(code[0], 2)
-                            if tx % 8 == 0:
-                                p_words[tx // 8] = p_word_of_lane
-                            T.tvm_storage_sync("shared")
-
-                            # ---- P·V for channel tx, P sum from the same words
-                            pv[0] = 0
-                            pv[1] = 0
-                            if tx < D:
-                                for i in T.unroll(BK // 4):
-                                    v_vec[i] = v_tile[tx * V_STRIDE + i]
-                                for i in T.unroll(BK // 4):
-                                    pv[0] = _dp4a(p_words[i], v_vec[i], pv[0])
-                                    pv[1] = _dp4a(p_words[i], 0x01010101, pv[1])
-                                acc[0] = acc[0] * st[4] + st[5] * T.if_then_else(
-                                    region == 0, sink_v_scale[b, g, kt], open_v_scale[b, g, kt]) * T.Cast("float32", pv[0])
-                                st[1] = st[1] * st[4] + st[5] * T.Cast("float32", pv[1])
-                        if tx < D:
-                            o_part[b, hq, slot_offset + region, tx] = acc[0]
-                        if tx == 0:
-                            m_part[b, hq, slot_offset + region] = st[0]
-                            l_part[b, hq, slot_offset + region] = st[1]
-                        if region == 0:  # slots a split launch with fewer splits than others leaves unwritten
-                            for s in T.serial(empty_slots):
-                                if tx < D:
-                                    o_part[b, hq, s, tx] = T.float32(0)
-                                if tx == 0:
-                                    m_part[b, hq, s] = T.float32(NEG_BIG)
-                                    l_part[b, hq, s] = T.float32(0)
-
-    return decode_int8_func
-
-
-MERGE_SLOT_GROUPS = 4  # merge: warps per channel group, each summing every 4th split
-MERGE_SLOTS_IN_FLIGHT = 8  # merge: slots a thread loads before it weighs them
-
-
-def decode_merge_cuda(head_dim: int, out_dtype: str):
-    """One CTA per (batch, head): SAS-weighted sum of the split states.
-
-    The splits' states are read in parallel (4 slot groups x D channels): a serial walk over ~30
-    splits is one dependent global load after another, ~20 us at B = 1, as long as the split kernel.
-    Each thread loads MERGE_SLOTS_IN_FLIGHT of its slots before it weighs any (out-of-range slots
-    read as empty), so their loads overlap: one at a time, ~9 slots per thread took 8 us at B = 1.
-    """
-    D = head_dim
-    G = MERGE_SLOT_GROUPS
-    U = MERGE_SLOTS_IN_FLIGHT
-    THREADS_M = G * D
-    WARPS_M = THREADS_M // 32
-
-    @T.prim_func(s_tir=True)
-    def decode_merge_func(o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, out_h: T.handle):
-        B, H, S = T.int32(), T.int32(), T.int32()
-        o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
-        m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
-        l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
-        out = T.match_buffer(out_h, (B, H, 1, D), out_dtype)
-        for bh in T.thread_binding(B * H, thread="blockIdx.x"):
-            for tx in T.thread_binding(THREADS_M, thread="threadIdx.x"):
-                with T.sblock("merge_row"):
-                    T.reads(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
-                    T.writes(out[0:B, 0:H, 0, 0:D])
-                    warp_max = T.sblock_alloc_buffer((WARPS_M,), "float32", scope="shared")
-                    acc_sh = T.sblock_alloc_buffer((G * D,), "float32", scope="shared")
-                    sum_sh = T.sblock_alloc_buffer((G,), "float32", scope="shared")
-                    state = T.sblock_alloc_buffer((4,), "float32", scope="local")  # local max, max, sum, acc
-                    # a round of slots: m, o (channel c), l (channel 0's thread)
-                    slot_m = T.sblock_alloc_buffer((U,), "float32", scope="local")
-                    slot_o = T.sblock_alloc_buffer((U,), "float32", scope="local")
-                    slot_l = T.sblock_alloc_buffer((U,), "float32", scope="local")
-                    b: T.let[T.int32] = T.truncdiv(bh, H)
-                    h: T.let[T.int32] = T.truncmod(bh, H)
-                    c: T.let[T.int32] = T.truncmod(tx, D)  # channel
-                    sg: T.let[T.int32] = T.truncdiv(tx, D)  # slot group: splits sg, sg + G, ...
-                    # ---- the max over all splits: strided over the CTA, then across warps
-                    state[0] = T.float32(NEG_BIG)
-                    for i in T.serial(T.ceildiv(S, THREADS_M)):
-                        if i * THREADS_M + tx < S:
-                            state[0] = T.max(state[0], m_part[b, h, i * THREADS_M + tx])
-                    state[0] = T.cuda.warp_reduce(state[0], "max", 32)
-                    if tx % 32 == 0:
-                        warp_max[tx // 32] = state[0]
-                    T.tvm_storage_sync("shared")
-                    state[1] = T.float32(NEG_BIG)
-                    for w in T.unroll(WARPS_M):
-                        state[1] = T.max(state[1], warp_max[w])
-                    # ---- this group's splits: weighted O for channel c (and the weighted sum once)
-                    state[2] = T.float32(0)
-                    state[3] = T.float32(0)
-                    for r in T.serial(T.ceildiv(S - sg, G * U)):
-                        for u in T.unroll(U):
-                            slot_m[u] = T.if_then_else(sg + (r * U + u) * G < S, m_part[b, h, sg + (r * U + u) * G],
-                                                       T.float32(NEG_BIG))
-                            slot_o[u] = T.if_then_else(sg + (r * U + u) * G < S, o_part[b, h, sg + (r * U + u) * G, c],
-                                                       T.float32(0))
-                            slot_l[u] = T.if_then_else(T.And(c == 0, sg + (r * U + u) * G < S),
-                                                       l_part[b, h, sg + (r * U + u) * G], T.float32(0))
-                        for u in T.unroll(U):
-                            state[3] = state[3] + sas_exp(slot_m[u] - state[1]) * slot_o[u]
-                            state[2] = state[2] + sas_exp(slot_m[u] - state[1]) * slot_l[u]
-                    acc_sh[tx] = state[3]
-                    if c == 0:
-                        sum_sh[sg] = state[2]
-                    T.tvm_storage_sync("shared")
-                    if tx < D:
-                        state[2] = T.float32(0)
-                        state[3] = T.float32(0)
-                        for g in T.unroll(G):
-                            state[2] = state[2] + sum_sh[g]
-                            state[3] = state[3] + acc_sh[g * D + tx]
-                        out[b, h, 0, tx] = T.Cast(out_dtype, T.if_then_else(
-                            state[2] > T.float32(0), state[3] / state[2], T.float32(0)))
-
-    return decode_merge_func
-
-
 #: shared memory an SM gives its CTAs (sm_90: 228 KB, 1 KB of it reserved per CTA), and the split
 #: kernel's CTAs per SM, which the runtime's split count assumes (one wave)
 SMEM_PER_SM = 228 * 1024
 SPLIT_CTAS_PER_SM = 8
-SPLIT_SMEM_OTHER = 2 * 1024  # the split kernel's shared memory besides its ring, rounded up, + 1 KB reserved
+SPLIT_SMEM_OTHER = 3 * 1024  # the step kernel's shared memory besides its ring, rounded up, + 1 KB reserved
 MAX_STAGES = 4
 
 
@@ -400,27 +91,43 @@ def has_copy_engine(arch: str | None) -> bool:
     return match is None or int(match[1]) >= 90
 
 
-def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: bool = True):
-    """decode_split for a 2/4-bit group, computed on the packed codes without expanding them.
 
-    Expansion is linear (x8 = code * step + zero: compression keeps the top code at or below 127),
-    so per stage-2 group of 32 tokens, with q' = q * step per channel:
+MERGE_SLOTS_IN_FLIGHT = 16  # merge: slots' O a thread loads before it weighs them
+
+
+def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, copy_engine: bool = True):
+    """A whole decode step for the query heads of one bit width group, in one launch.
+
+    CTA (x, by), x < num_splits + 2, by = (batch, head of the group, query head of its KV head):
+    x < num_splits walks split x's 64-token tiles of the group's 2/4-bit codes; x = num_splits walks
+    the INT8 sink block, num_splits + 1 the INT8 open block. Each writes its online-softmax state to
+    slot x of (o_part, m_part, l_part); the last CTA of a head to finish (an atomic count per head in
+    ``counters``, reset by it) merges the head's num_splits + 2 slots into ``out``. Every CTA
+    quantizes q itself (balanced by K's factor: quantize_rows 'balanced', bit for bit). One launch
+    where three were (q and the INT8 tokens, the packed splits, the merge): each launch and the gap
+    after it cost several microseconds, a tenth of a B = 1 step at 32K tokens.
+
+    Packed tiles are computed on the codes without expanding them. Expansion is linear (x8 = code *
+    step + zero: compression keeps the top code at or below 127), so per stage-2 group of 32 tokens,
+    with q' = q * step per channel:
       Q·Kᵀ: s_j = Σ_d q'_d code_jd + Σ_(d: step > 0) q_d zero_d + Σ_slots q_d(slot) kept_j,slot
             -> __dp4a on code bytes (q' split as hi * 128 + lo), one more for K's kept INT8 channels
             (step 0, zero = slot, byte = x8 + 128 after the packed codes; see kv_compress.py);
       P·V:  pv_d = Σ_groups step_d Σ_j p_j code_jd + zero_d Σ_j p_j -> thread d reads channel d's run of
             64 codes (V is channel-major per block) in 16-byte loads and __dp4a's four tokens at a time
             against P codes stored in the matching byte order: no reduction across threads.
-    Computing on the codes is what decode's bandwidth needs: expanding them to INT8 first costs
-    several times the instructions per tile.
-    The code tensors hold whole 64-token blocks (L a multiple of 64), as the cache stores them.
+    Expanding the codes to INT8 first costs several times the instructions per tile, and decode has
+    the bandwidth to spend none. The code tensors hold whole 64-token blocks, as the cache stores them.
 
-    Tiles reach shared memory by the copy engine (``cp.async.bulk``, sm_90): a tile's K codes, V
-    codes, steps and zeros are each contiguous in the cache, so one thread issues 6 bulk copies per
-    tile, completing on the stage's mbarrier, ``stages`` tiles ahead of the CTA's compute (a tuning
-    knob; 0: split_stages, the deepest ring that keeps 8 CTAs per SM). Loads issued by the threads
-    at a tile's start left each CTA with no bytes in flight while it computed. Before sm_90
-    (``copy_engine`` False) the threads load each tile's codes at its start, as they did.
+    Packed tiles reach shared memory by the copy engine (``cp.async.bulk``, sm_90): a tile's K codes,
+    V codes, steps and zeros are each contiguous, so one thread issues 6 bulk copies per tile,
+    completing on the stage's mbarrier, ``stages`` tiles ahead of the CTA's compute (a tuning knob; 0:
+    split_stages, the deepest ring that keeps 8 CTAs per SM); the first ones before q's quantization.
+    Before sm_90 (``copy_engine`` False) the threads load each tile's codes at its start.
+
+    An INT8 tile: K rows staged in shared memory and V transposed ([D][64 tokens]) in the ring's
+    space; Q·Kᵀ: two threads per token, ``__dp4a`` over half the channels each; P·V: thread d does
+    ``__dp4a`` of the P words with its V row.
     """
     D = head_dim
     COPY_ENGINE = bool(copy_engine)
@@ -443,11 +150,19 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
     V_AT, K_STEP_AT, K_ZERO_AT, V_STEP_AT, V_ZERO_AT = (K_TILE, K_TILE + V_TILE, K_TILE + V_TILE + META,
                                                         K_TILE + V_TILE + 2 * META, K_TILE + V_TILE + 3 * META)
     STAGE = split_stage_bytes(D, bits)
-    RING_WORDS = STAGES * STAGE // 4 if COPY_ENGINE else 4  # (unused without the copy engine)
     ROW_VECS = WPR // 4  # 16-byte pieces of a V row
+    # INT8 tiles, in the ring's space: K rows [64][DW + 4 words], then V^T [D][64 tokens + 4 bytes]
+    DW = D // 4
+    K8_STRIDE = DW + 4  # padding: conflict-free 16-byte reads
+    V8_STRIDE = BK // 4 + 1  # odd: P·V's threads (one row each) read without bank conflicts
+    V8_AT = BK * K8_STRIDE  # word of V^T in the ring
+    ROW8_WORDS = BK * DW // THREADS  # INT8 K words, and V words, per thread per tile
+    HALF8_WORDS = DW // 2
+    RING_WORDS = max(STAGES * STAGE // 4 if COPY_ENGINE else 0, V8_AT + D * V8_STRIDE)
+    U = MERGE_SLOTS_IN_FLIGHT
     assert all(x % 16 == 0 for x in (K_TILE, V_TILE, META))  # the copy engine moves 16-byte units
     assert CACHE_K_OUTLIERS % 4 == 0 and GROUPS_PER_BLOCK == 2 and RUN_WORDS % 4 == 0 and WPR % 4 == 0
-    assert QS_READ % 4 == 0 and D <= THREADS
+    assert QS_READ % 4 == 0 and D <= THREADS and THREADS % U == 0 and RING_WORDS >= THREADS
 
     @T.macro
     def bulk_copy(ring, bar, at, src, size):
@@ -483,14 +198,14 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
         return v_vec[b, g, tile * BK + piece // ROW_VECS, piece % ROW_VECS, w]
 
     @T.macro
-    def codes_to_registers(ring, ring_vec, k_w, v_vec, k_dst, v_dst, b, g, tile, stage, token, half, tx):
+    def codes_to_registers(ring, ring_vec, k_w, v_vec, k_dst, v_dst, b, g, tile, stage, token, side, tx):
         """The tile's codes to registers: the token's half K row (K rows are 4 bytes longer than a
         multiple of 16: word loads), and for thread d < D channel d's V run in 16-byte loads."""
         for i in T.unroll(QK_WORDS):
-            k_dst[i] = k_word(ring, k_w, b, g, tile, stage, token, half * QK_WORDS + i)
-        for i in T.unroll(KEPT_WORDS):  # zero on the half == 0 thread
+            k_dst[i] = k_word(ring, k_w, b, g, tile, stage, token, side * QK_WORDS + i)
+        for i in T.unroll(KEPT_WORDS):  # zero on the side == 0 thread
             k_dst[QK_WORDS + i] = T.if_then_else(
-                half == 1, T.bitwise_xor(k_word(ring, k_w, b, g, tile, stage, token, WPR + i), -2139062144), 0)
+                side == 1, T.bitwise_xor(k_word(ring, k_w, b, g, tile, stage, token, WPR + i), -2139062144), 0)
         if tx < D:
             for j in T.unroll(RUN_VECS):
                 for w in T.vectorized(4):
@@ -512,16 +227,33 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
         p_w[j * SPREAD + k] pairs with (V word j >> bits * k) & byte_mask (tokens j * per_word + k + SPREAD * i)."""
         return 4 * ((t // per_word) * SPREAD + t % SPREAD) + (t % per_word) // SPREAD
 
+    @T.macro
+    def load_int8_rows(k_w, v_w, k_reg, v_reg, b, g, kt, tx, length):
+        """INT8 tile kt's K and V rows as words to registers (tokens past ``length`` read as 0), all
+        loads issued together, so the CTA waits for global memory once."""
+        for w in T.unroll(ROW8_WORDS):
+            k_reg[w] = T.if_then_else(kt * BK + (w * THREADS + tx) // DW < length,
+                                      k_w[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW], 0)
+            v_reg[w] = T.if_then_else(kt * BK + (w * THREADS + tx) // DW < length,
+                                      v_w[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW], 0)
+
+    def ldcg(buffer, *index):
+        """A load through L2 only: states other CTAs wrote (L1 is not coherent across SMs)."""
+        return T.call_pure_extern("float32", "__ldcg", T.address_of(buffer[index]))
+
     @T.prim_func(s_tir=True)
-    def decode_split_func(q_h: T.handle, q_scale_h: T.handle, heads_h: T.handle,
-                          k_codes_h: T.handle, k_step_h: T.handle, k_zero_h: T.handle, k_scale_h: T.handle,
-                          v_codes_h: T.handle, v_step_h: T.handle, v_zero_h: T.handle, v_scale_h: T.handle,
-                          o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle,
-                          sm_scale: T.float32, group_size: T.int32, num_splits: T.int32, slot_offset: T.int32,
-                          length: T.int32):
-        B, H, HG, L, NB, NP, S = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(q_h, (B, H, 1, D), "int8")
-        q_scale = T.match_buffer(q_scale_h, (B, H, 1), "float32")
+    def decode_step_func(q_h: T.handle, k_factor_h: T.handle, heads_h: T.handle,
+                         k_codes_h: T.handle, k_step_h: T.handle, k_zero_h: T.handle, k_scale_h: T.handle,
+                         v_codes_h: T.handle, v_step_h: T.handle, v_zero_h: T.handle, v_scale_h: T.handle,
+                         sink_k_h: T.handle, sink_k_scale_h: T.handle, sink_v_h: T.handle, sink_v_scale_h: T.handle,
+                         open_k_h: T.handle, open_k_scale_h: T.handle, open_v_h: T.handle, open_v_scale_h: T.handle,
+                         o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, counters_h: T.handle,
+                         out_h: T.handle, sm_scale: T.float32, group_size: T.int32, num_splits: T.int32,
+                         length: T.int32, sink_len: T.int32, open_len: T.int32):
+        B, H, HKV, HG, L, NB, NP = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        LS, NS, LO, NO, SLOTS = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(q_h, (B, H, 1, D), in_dtype)
+        k_factor = T.match_buffer(k_factor_h, (B, HKV, D), "float32")
         heads = T.match_buffer(heads_h, (HG,), "int32")
         k_codes = T.match_buffer(k_codes_h, (B, HG, L, (WPR + KEPT_WORDS) * 4), "uint8")
         k_step = T.match_buffer(k_step_h, (B, HG, NP, GROUPS_PER_BLOCK, D), "uint8")
@@ -531,30 +263,53 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
         v_step = T.match_buffer(v_step_h, (B, HG, NP, GROUPS_PER_BLOCK, D), "uint8")
         v_zero = T.match_buffer(v_zero_h, (B, HG, NP, GROUPS_PER_BLOCK, D), "int8")
         v_scale = T.match_buffer(v_scale_h, (B, HG, NB), "float32")
-        o_part = T.match_buffer(o_part_h, (B, H, S, D), "float32")
-        m_part = T.match_buffer(m_part_h, (B, H, S), "float32")
-        l_part = T.match_buffer(l_part_h, (B, H, S), "float32")
+        sink_k = T.match_buffer(sink_k_h, (B, HKV, LS, D), "int8")
+        sink_k_scale = T.match_buffer(sink_k_scale_h, (B, HKV, NS), "float32")
+        sink_v = T.match_buffer(sink_v_h, (B, HKV, LS, D), "int8")
+        sink_v_scale = T.match_buffer(sink_v_scale_h, (B, HKV, NS), "float32")
+        open_k = T.match_buffer(open_k_h, (B, HKV, LO, D), "int8")
+        open_k_scale = T.match_buffer(open_k_scale_h, (B, HKV, NO), "float32")
+        open_v = T.match_buffer(open_v_h, (B, HKV, LO, D), "int8")
+        open_v_scale = T.match_buffer(open_v_scale_h, (B, HKV, NO), "float32")
+        o_part = T.match_buffer(o_part_h, (B, H, SLOTS, D), "float32")
+        m_part = T.match_buffer(m_part_h, (B, H, SLOTS), "float32")
+        l_part = T.match_buffer(l_part_h, (B, H, SLOTS), "float32")
+        counters = T.match_buffer(counters_h, (B, H), "int32")
+        out = T.match_buffer(out_h, (B, H, 1, D), in_dtype)
         k_w = T.decl_buffer((B, HG, L, WPR + KEPT_WORDS), "int32", data=k_codes.data)
         # V rows as 16-byte pieces: a constant innermost extent makes each load one vector access
         v_vec = T.decl_buffer((B, HG, L, ROW_VECS, 4), "int32", data=v_codes.data)
-        for split in T.thread_binding(num_splits, thread="blockIdx.x"):
+        sink_kw = T.decl_buffer((B, HKV, LS, DW), "int32", data=sink_k.data)
+        sink_vw = T.decl_buffer((B, HKV, LS, DW), "int32", data=sink_v.data)
+        open_kw = T.decl_buffer((B, HKV, LO, DW), "int32", data=open_k.data)
+        open_vw = T.decl_buffer((B, HKV, LO, DW), "int32", data=open_v.data)
+        for cta in T.thread_binding(num_splits + 2, thread="blockIdx.x"):
             for by in T.thread_binding(B * HG * group_size, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    with T.sblock("decode_tile"):
-                        T.reads(q[0:B, 0:H, 0, 0:D], q_scale[0:B, 0:H, 0], heads[0:HG],
+                    # registers for SPLIT_CTAS_PER_SM CTAs per SM (at most 64), as the split count assumes
+                    T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", SPLIT_CTAS_PER_SM)
+                    with T.sblock("decode_step"):
+                        T.reads(q[0:B, 0:H, 0, 0:D], k_factor[0:B, 0:HKV, 0:D], heads[0:HG],
                                 k_w[0:B, 0:HG, 0:L, 0:K_ROW_WORDS], k_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
                                 k_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], k_scale[0:B, 0:HG, 0:NB],
                                 v_vec[0:B, 0:HG, 0:L, 0:ROW_VECS, 0:4], v_step[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D],
-                                v_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], v_scale[0:B, 0:HG, 0:NB])
-                        T.writes(o_part[0:B, 0:H, 0:S, 0:D], m_part[0:B, 0:H, 0:S], l_part[0:B, 0:H, 0:S])
-                        # the ring of tiles the copy engine fills, one mbarrier per stage; views: 16-byte
-                        # pieces (V runs), bytes (steps and zeros)
+                                v_zero[0:B, 0:HG, 0:NP, 0:GROUPS_PER_BLOCK, 0:D], v_scale[0:B, 0:HG, 0:NB],
+                                sink_kw[0:B, 0:HKV, 0:LS, 0:DW], sink_k_scale[0:B, 0:HKV, 0:NS],
+                                sink_vw[0:B, 0:HKV, 0:LS, 0:DW], sink_v_scale[0:B, 0:HKV, 0:NS],
+                                open_kw[0:B, 0:HKV, 0:LO, 0:DW], open_k_scale[0:B, 0:HKV, 0:NO],
+                                open_vw[0:B, 0:HKV, 0:LO, 0:DW], open_v_scale[0:B, 0:HKV, 0:NO])
+                        T.writes(o_part[0:B, 0:H, 0:SLOTS, 0:D], m_part[0:B, 0:H, 0:SLOTS], l_part[0:B, 0:H, 0:SLOTS],
+                                 counters[0:B, 0:H], out[0:B, 0:H, 0, 0:D])
+                        # the ring of tiles the copy engine fills, one mbarrier per stage; an INT8 CTA
+                        # stages its K rows and V^T there. Views: 16-byte pieces (V runs), bytes
                         ring = T.sblock_alloc_buffer((RING_WORDS,), "int32", scope="shared", align=128)
                         ring_vec = T.decl_buffer((RING_WORDS // 4, 4), "int32", data=ring.data, scope="shared")
                         ring_u8 = T.decl_buffer((RING_WORDS * 4,), "uint8", data=ring.data, scope="shared")
                         ring_i8 = T.decl_buffer((RING_WORDS * 4,), "int8", data=ring.data, scope="shared")
+                        ring_f32 = T.decl_buffer((RING_WORDS,), "float32", data=ring.data, scope="shared")
                         bars = T.sblock_alloc_buffer((STAGES,), "uint64", scope="shared", align=8)
-                        q_sh = T.sblock_alloc_buffer((D,), "int32", scope="shared")
+                        q_sh = T.sblock_alloc_buffer((D,), "int32", scope="shared")  # q's INT8 codes
+                        q_words = T.sblock_alloc_buffer((DW,), "int32", scope="shared")  # ... four per word
                         qs_lo = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
                         qs_hi = T.sblock_alloc_buffer((GROUPS_PER_BLOCK * QS_WORDS,), "int32", scope="shared")
                         q_kept = T.sblock_alloc_buffer((CACHE_K_OUTLIERS,), "int32", scope="shared")
@@ -579,43 +334,82 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
                         s_acc = T.sblock_alloc_buffer((2,), "int32", scope="local")  # hi, lo
                         q_zero = T.sblock_alloc_buffer((GROUPS_PER_BLOCK,), "int32", scope="local")  # Σ q·zero
                         pv = T.sblock_alloc_buffer((GROUPS_PER_BLOCK,), "int32", scope="local")
+                        k8_reg = T.sblock_alloc_buffer((ROW8_WORDS,), "int32", scope="local")
+                        v8_reg = T.sblock_alloc_buffer((ROW8_WORDS,), "int32", scope="local")
+                        q_frag = T.sblock_alloc_buffer((HALF8_WORDS,), "int32", scope="local")
+                        k_vec = T.sblock_alloc_buffer((HALF8_WORDS,), "int32", scope="local")
+                        v8_vec = T.sblock_alloc_buffer((BK // 4,), "int32", scope="local")
+                        slot_o = T.sblock_alloc_buffer((U,), "float32", scope="local")
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        # m, l, score, tile max, rescale, P scale, 1 / P scale, Σ q·zero (x2), P sum (x2)
-                        st = T.sblock_alloc_buffer((11,), "float32", scope="local")
+                        # m, l, score, tile max, rescale, P scale, 1 / P scale, Σ q·zero (x2), P sum (x2),
+                        # q' (then q's absmax), q's scale
+                        st = T.sblock_alloc_buffer((13,), "float32", scope="local")
                         code = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         kept_slot = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        arrived = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        mine = T.sblock_alloc_buffer((7,), "int32", scope="local")  # thread 0: ids, below
 
-                        # batch, KV head, query head and tile range of this CTA, through shared memory:
-                        # as expressions of runtime sizes ptxas would redo their divisions at every use
-                        ids = T.sblock_alloc_buffer((5,), "int32", scope="shared")
-                        if COPY_ENGINE and tx == 0:  # ordered before every other use by cta_ids' barrier
-                            for i in T.unroll(STAGES):
-                                T.ptx.mbarrier.init.shared.b64(bars.ptr_to([i]), T.uint32(1))
-                            T.ptx.fence.mbarrier_init.release.cluster()
-                        if not COPY_ENGINE and tx == 0:
-                            ring[0] = 0  # a use, so that TVM keeps the (then unused) ring its views alias
-                        cta_ids(ids, tx, by, split, heads, HG, group_size, num_splits, length)
+                        # batch, group head, KV head, query head, tile range / region length of this CTA,
+                        # through shared memory (as expressions of runtime sizes ptxas would redo their
+                        # divisions at every use); thread 0 also starts the first tiles' copies
+                        ids = T.sblock_alloc_buffer((8,), "int32", scope="shared")
+                        if tx == 0:  # in registers first: the planner would put barriers between shared stores and loads
+                            mine[0] = T.truncdiv(by, HG * group_size)
+                            mine[1] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
+                            mine[2] = heads[mine[1]]
+                            mine[3] = mine[2] * group_size + T.truncmod(by, group_size)
+                            mine[4] = T.min(cta * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
+                            mine[5] = T.min((cta + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits),
+                                            T.ceildiv(length, BK))
+                            mine[6] = T.if_then_else(cta == num_splits, sink_len, open_len)
+                            for i in T.unroll(7):
+                                ids[i] = mine[i]
+                            if COPY_ENGINE:
+                                for i in T.unroll(STAGES):
+                                    T.ptx.mbarrier.init.shared.b64(bars.ptr_to([i]), T.uint32(1))
+                                T.ptx.fence.mbarrier_init.release.cluster()
+                                for i in T.unroll(STAGES):
+                                    if mine[4] + i < mine[5]:  # (an INT8 CTA's span is empty)
+                                        issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero,
+                                                   mine[0], mine[1], mine[4] + i, i)
+                        if tx < len(SAS_TABLE):  # ordered before its first read by the barriers below
+                            sas_table[tx] = sas_table_entry(tx)
+                        T.tvm_storage_sync("shared")
                         b: T.let[T.int32] = ids[0]
                         g: T.let[T.int32] = ids[1]
-                        hq: T.let[T.int32] = ids[2]
-                        first: T.let[T.int32] = ids[3]
-                        last: T.let[T.int32] = ids[4]
+                        kvh: T.let[T.int32] = ids[2]
+                        hq: T.let[T.int32] = ids[3]
+                        first: T.let[T.int32] = ids[4]
+                        last: T.let[T.int32] = ids[5]
+                        region_len: T.let[T.int32] = ids[6]
                         token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
-                        half: T.let[T.int32] = tx % 2
-                        grp: T.let[T.int32] = tx // (2 * CACHE_GROUP)  # the token's stage-2 group
+                        side: T.let[T.int32] = tx % 2
 
+                        # ---- q' = q · K's factor (channel tx), to INT8 by the absmax over its channels
+                        st[11] = T.if_then_else(tx < D, T.Cast("float32", q[b, hq, 0, tx % D]) * k_factor[b, kvh, tx % D],
+                                                T.float32(0))
+                        st[12] = T.cuda.warp_reduce(T.abs(st[11]), "max", 32)
+                        if tx % 32 == 0:
+                            red[tx // 32] = st[12]
+                        T.tvm_storage_sync("shared")
+                        st[12] = T.max(T.max(red[0], red[1]), T.max(red[2], red[3]))
+                        st[12] = T.Select(st[12] > T.float32(0), st[12], T.float32(1))
+                        code[0] = T.Cast("int32", int8_level(st[11], T.float32(INT8_MAX) / st[12]))
+                        st[12] = st[12] / T.float32(INT8_MAX)
+                        # channels 4j..4j+3 sit on lanes 4j..4j+3: gather one word
+                        q_word_of_lane: T.let[T.int32] = _lane_word(code[0], 1)
                         if tx < D:
-                            q_sh[tx] = T.Cast("int32", q[b, hq, 0, tx])
-                        if tx < len(SAS_TABLE):  # ordered before its first read by the tile loop's first barrier
-                            sas_table[tx] = sas_table_entry(tx)
+                            q_sh[tx] = code[0]
+                            if tx % 4 == 0:
+                                q_words[tx // 4] = q_word_of_lane
                         st[0] = T.float32(NEG_BIG)
                         st[1] = T.float32(0)
                         acc[0] = T.float32(0)
-                        if COPY_ENGINE and tx == 0:
-                            for i in T.unroll(STAGES):
-                                if first + i < last:
-                                    issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero, b, g,
-                                               first + i, i)
+                        T.tvm_storage_sync("shared")
+                        for i in T.unroll(HALF8_WORDS):
+                            q_frag[i] = q_words[side * HALF8_WORDS + i]
+
+                        # ======== split `cta` of the packed 2/4-bit tokens (an INT8 CTA has no tiles)
                         for kt in T.serial(last - first):
                             T.tvm_storage_sync("shared")
                             tile: T.let[T.int32] = first + kt
@@ -627,7 +421,7 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
                                                first + kt - 1 + STAGES, (kt - 1) % STAGES)
                                 T.cuda.mbarrier_wait(bars.ptr_to([stage]), (kt // STAGES) % 2)
                             codes_to_registers(ring, ring_vec, k_w, v_vec, k_reg, v_reg, b, g, tile, stage, token,
-                                               half, tx)
+                                               side, tx)
                             # ---- q' = q * step (0 on kept channels) as hi * 128 + lo bytes, per group
                             if tx < GROUPS_PER_BLOCK * QS_WORDS:
                                 qsw[0] = 0
@@ -637,7 +431,8 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
                                         K_STEP_AT, ring_u8, k_step, b, g, tile, stage, tx // QS_WORDS,
                                         qs_channel(tx % QS_WORDS, i)))
                                     qsw[0] = qsw[0] | T.shift_left(T.bitwise_and(code[0], 127), 8 * i)
-                                    qsw[1] = qsw[1] | T.shift_left(T.bitwise_and(T.shift_right(code[0], 7), 255), 8 * i)
+                                    qsw[1] = qsw[1] | T.shift_left(T.bitwise_and(T.shift_right(code[0], 7), 255),
+                                                                   8 * i)
                                 qs_lo[tx] = qsw[0]
                                 qs_hi[tx] = qsw[1]
                             # Σ q·zero over coded channels, per group; kept channels hand q to their slot
@@ -669,26 +464,30 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
                             # ---- Q·Kᵀ on the packed codes; the token's two threads add their halves
                             for j in T.unroll(QS_READ // 4):
                                 for w in T.vectorized(4):
-                                    qs_h[j * 4 + w] = qs_hi_vec[(grp * QS_WORDS + half * QS_READ) // 4 + j, w]
+                                    qs_h[j * 4 + w] = qs_hi_vec[(tx // (2 * CACHE_GROUP) * QS_WORDS + side * QS_READ)
+                                                                // 4 + j, w]
                                 for w in T.vectorized(4):
-                                    qs_l[j * 4 + w] = qs_lo_vec[(grp * QS_WORDS + half * QS_READ) // 4 + j, w]
+                                    qs_l[j * 4 + w] = qs_lo_vec[(tx // (2 * CACHE_GROUP) * QS_WORDS + side * QS_READ)
+                                                                // 4 + j, w]
                             s_acc[0] = 0
                             s_acc[1] = 0
                             for i in T.unroll(QK_WORDS):
                                 for k in T.unroll(SPREAD):
                                     s_acc[0] = _dp4a(qs_h[i * SPREAD + k],
-                                                     T.bitwise_and(T.shift_right(k_reg[i], bits * k), byte_mask), s_acc[0])
+                                                     T.bitwise_and(T.shift_right(k_reg[i], bits * k), byte_mask),
+                                                     s_acc[0])
                                     s_acc[1] = _dp4a(qs_l[i * SPREAD + k],
-                                                     T.bitwise_and(T.shift_right(k_reg[i], bits * k), byte_mask), s_acc[1])
+                                                     T.bitwise_and(T.shift_right(k_reg[i], bits * k), byte_mask),
+                                                     s_acc[1])
                             s_acc[0] = s_acc[0] * 128 + s_acc[1]
-                            for i in T.unroll(KEPT_WORDS):  # zero on the half == 0 thread
-                                s_acc[0] = _dp4a(_pack4(*[q_kept[4 * i + c] for c in range(4)]), k_reg[QK_WORDS + i],
-                                                 s_acc[0])
+                            for i in T.unroll(KEPT_WORDS):  # zero on the side == 0 thread
+                                s_acc[0] = _dp4a(_pack4(*[q_kept[4 * i + c] for c in range(4)]),
+                                                 k_reg[QK_WORDS + i], s_acc[0])
                             s_acc[0] = s_acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_acc[0], 1, 32, 32)
-                            st[7] = T.if_then_else(grp == 0, red[0] + red[1] + red[2] + red[3],
+                            st[7] = T.if_then_else(tx // (2 * CACHE_GROUP) == 0, red[0] + red[1] + red[2] + red[3],
                                                    red[WARPS] + red[WARPS + 1] + red[WARPS + 2] + red[WARPS + 3])
                             st[2] = T.if_then_else(tile * BK + token < length,
-                                                   (T.Cast("float32", s_acc[0]) + st[7]) * q_scale[b, hq, 0]
+                                                   (T.Cast("float32", s_acc[0]) + st[7]) * st[12]
                                                    * k_scale[b, g, tile] * sm_scale, T.float32(NEG_BIG))
                             st[3] = _warp_max(st[2])
                             if tx % 32 == 0:
@@ -704,12 +503,12 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
                             st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
                             code[0] = T.if_then_else(
                                 T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
-                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]),
-                                                      T.float32(INT8_MAX))),
+                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table)
+                                                                  * st[6]), T.float32(INT8_MAX))),
                                 0)
-                            if half == 0:
+                            if side == 0:
                                 p_bytes[p_byte(token)] = T.Cast("int8", code[0])
-                            code[0] = _warp_sum(T.if_then_else(half == 0, code[0], 0))
+                            code[0] = _warp_sum(T.if_then_else(side == 0, code[0], 0))
                             if tx % 32 == 0:
                                 red[3 * WARPS + tx // 32] = T.Cast("float32", code[0])
                             T.tvm_storage_sync("shared")
@@ -738,10 +537,129 @@ def decode_split_packed(head_dim: int, bits: int, stages: int = 0, copy_engine: 
                                         * st[9 + gi]
                                 acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, tile] * st[7]
                                 st[1] = st[1] * st[4] + st[5] * (st[9] + st[10])
-                        if tx < D:
-                            o_part[b, hq, slot_offset + split, tx] = acc[0]
-                        if tx == 0:
-                            m_part[b, hq, slot_offset + split] = st[0]
-                            l_part[b, hq, slot_offset + split] = st[1]
+                        # ======== the INT8 sink block (cta == num_splits) or open block (num_splits + 1);
+                        # a split CTA has no such tokens. Loops, not branches: TVM plans barriers in loops
+                        for kt in T.serial(T.ceildiv(region_len, BK)):
+                            T.tvm_storage_sync("shared")
+                            # ---- K rows as they are (4 codes per word), V transposed to [D][64 tokens]
+                            if cta == num_splits:
+                                load_int8_rows(sink_kw, sink_vw, k8_reg, v8_reg, b, kvh, kt, tx, region_len)
+                            else:
+                                load_int8_rows(open_kw, open_vw, k8_reg, v8_reg, b, kvh, kt, tx, region_len)
+                            for w in T.unroll(ROW8_WORDS):
+                                ring[(w * THREADS + tx) // DW * K8_STRIDE + tx % DW] = k8_reg[w]
+                                for j in T.unroll(4):  # byte j of the word: channel 4 * (tx % DW) + j
+                                    ring_i8[(V8_AT + (4 * (tx % DW) + j) * V8_STRIDE) * 4
+                                            + (w * THREADS + tx) // DW] = T.Cast("int8",
+                                                                                 T.shift_right(v8_reg[w], 8 * j))
+                            T.tvm_storage_sync("shared")
 
-    return decode_split_func
+                            # ---- score of token tx // 2 (both threads of the pair hold it)
+                            s_acc[0] = 0
+                            for i4 in T.unroll(HALF8_WORDS // 4):
+                                for w in T.vectorized(4):
+                                    k_vec[i4 * 4 + w] = ring[token * K8_STRIDE + side * HALF8_WORDS + i4 * 4 + w]
+                            for i in T.unroll(HALF8_WORDS):
+                                s_acc[0] = _dp4a(q_frag[i], k_vec[i], s_acc[0])
+                            s_acc[0] = s_acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_acc[0], 1, 32, 32)
+                            st[2] = T.if_then_else(
+                                kt * BK + token < region_len,
+                                T.Cast("float32", s_acc[0]) * st[12]
+                                * T.if_then_else(cta == num_splits, sink_k_scale[b, kvh, kt], open_k_scale[b, kvh, kt])
+                                * sm_scale,
+                                T.float32(NEG_BIG))
+                            st[3] = T.cuda.warp_reduce(st[2], "max", 32)
+                            if tx % 32 == 0:
+                                red[2 * WARPS + tx // 32] = st[3]
+                            T.tvm_storage_sync("shared")
+                            st[3] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]),
+                                          T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
+                            st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
+                            st[5] = sas_exp_from_table(st[3] - T.max(st[0], st[3]), sas_table) / T.float32(INT8_MAX)
+                            st[0] = T.max(st[0], st[3])
+                            st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
+                            code[0] = T.if_then_else(
+                                T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
+                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table)
+                                                                  * st[6]), T.float32(INT8_MAX))),
+                                0)
+                            # tokens 4j..4j+3 sit on lanes 8j, +2, +4, +6: gather and store one word
+                            p_word_of_lane: T.let[T.int32] = _lane_word(code[0], 2)
+                            if tx % 8 == 0:
+                                p_w[tx // 8] = p_word_of_lane
+                            T.tvm_storage_sync("shared")
+
+                            # ---- P·V for channel tx, P sum from the same words
+                            pv[0] = 0
+                            pv[1] = 0
+                            if tx < D:
+                                for i in T.unroll(BK // 4):
+                                    v8_vec[i] = ring[V8_AT + tx * V8_STRIDE + i]
+                                for i in T.unroll(BK // 4):
+                                    pv[0] = _dp4a(p_w[i], v8_vec[i], pv[0])
+                                    pv[1] = _dp4a(p_w[i], 0x01010101, pv[1])
+                                acc[0] = acc[0] * st[4] + st[5] * T.if_then_else(
+                                    cta == num_splits, sink_v_scale[b, kvh, kt], open_v_scale[b, kvh, kt]) \
+                                    * T.Cast("float32", pv[0])
+                                st[1] = st[1] * st[4] + st[5] * T.Cast("float32", pv[1])
+
+                        # ======== this CTA's state to slot `cta`; the head's last CTA merges every slot
+                        if tx < D:
+                            o_part[b, hq, cta, tx] = acc[0]
+                        if tx == 0:
+                            m_part[b, hq, cta] = st[0]
+                            l_part[b, hq, cta] = st[1]
+                        T.evaluate(T.call_extern("void", "__threadfence"))  # the state, visible GPU-wide ...
+                        T.tvm_storage_sync("shared")  # ... from every thread, before the count says so
+                        if tx == 0:
+                            ids[7] = T.call_extern("int32", "atomicAdd", T.address_of(counters[b, hq]), 1)
+                        T.tvm_storage_sync("shared")
+                        arrived[0] = ids[7]  # through a register: a branch may not test shared memory here
+                        # the merge, by the last CTA: a loop of 0 or 1 rounds (TVM plans barriers in loops,
+                        # not in branches)
+                        for _last in T.serial(T.if_then_else(arrived[0] == num_splits + 1, 1, 0)):
+                            T.evaluate(T.call_extern("void", "__threadfence"))
+                            # ---- the max over the slots: strided over the CTA, then across warps
+                            st[0] = T.float32(NEG_BIG)
+                            for i in T.serial(T.ceildiv(num_splits + 2, THREADS)):
+                                if i * THREADS + tx < num_splits + 2:
+                                    st[0] = T.max(st[0], ldcg(m_part, b, hq, i * THREADS + tx))
+                            st[0] = _warp_max(st[0])
+                            if tx % 32 == 0:
+                                red[2 * WARPS + tx // 32] = st[0]
+                            T.tvm_storage_sync("shared")
+                            st[0] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]),
+                                          T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
+                            # ---- THREADS slots at a time: thread t weighs slot t (weight to shared
+                            # memory, weighted l to its sum), then thread d sums channel d's O over them
+                            st[1] = T.float32(0)
+                            acc[0] = T.float32(0)
+                            for i in T.serial(T.ceildiv(num_splits + 2, THREADS)):
+                                T.tvm_storage_sync("shared")
+                                ring_f32[tx] = T.if_then_else(i * THREADS + tx < num_splits + 2,
+                                                              sas_exp(ldcg(m_part, b, hq, i * THREADS + tx) - st[0]),
+                                                              T.float32(0))
+                                st[1] = st[1] + T.if_then_else(i * THREADS + tx < num_splits + 2,
+                                                               ring_f32[tx] * ldcg(l_part, b, hq, i * THREADS + tx),
+                                                               T.float32(0))
+                                T.tvm_storage_sync("shared")
+                                if tx < D:
+                                    for j in T.serial(T.ceildiv(T.min(THREADS, num_splits + 2 - i * THREADS), U)):
+                                        for u in T.unroll(U):
+                                            slot_o[u] = T.if_then_else(
+                                                i * THREADS + j * U + u < num_splits + 2,
+                                                ldcg(o_part, b, hq, i * THREADS + j * U + u, tx), T.float32(0))
+                                        for u in T.unroll(U):
+                                            acc[0] = acc[0] + ring_f32[j * U + u] * slot_o[u]
+                            st[1] = T.cuda.warp_reduce(st[1], "sum", 32)
+                            if tx % 32 == 0:
+                                red[3 * WARPS + tx // 32] = st[1]
+                            T.tvm_storage_sync("shared")
+                            st[1] = red[3 * WARPS] + red[3 * WARPS + 1] + red[3 * WARPS + 2] + red[3 * WARPS + 3]
+                            if tx < D:
+                                out[b, hq, 0, tx] = T.Cast(in_dtype, T.if_then_else(
+                                    st[1] > T.float32(0), acc[0] / st[1], T.float32(0)))
+                            if tx == 0:
+                                counters[b, hq] = 0  # for the next step
+
+    return decode_step_func

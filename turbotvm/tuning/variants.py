@@ -67,14 +67,10 @@ def _cuda_families() -> dict:
                                               lambda m: (m[1],)),
         "quantize_vt": HandMappedFamily(r"quantize_vt_(\w+?)_d(\d+)", quantize_cuda.quantize_rows,
                                         lambda m: (m[1], int(m[2]), "plain", True)),
-        "decode_split_packed": HandMappedFamily(r"decode_split_b([24])_d(\d+)", decode_cuda.decode_split_packed,
-                                                lambda m: (int(m[2]), int(m[1])), knobs={"stages": (0, 2, 3, 4)},
-                                                target_args=lambda t: {"copy_engine": decode_cuda.has_copy_engine(
-                                                    t.attrs.get("arch"))}),
-        "decode_int8_cuda": HandMappedFamily(r"decode_int8_d(\d+)_(\w+)", decode_cuda.decode_int8_cuda,
-                                             lambda m: (int(m[1]), m[2])),
-        "decode_merge_cuda": HandMappedFamily(r"decode_merge_d(\d+)_(\w+)", decode_cuda.decode_merge_cuda,
-                                              lambda m: (int(m[1]), m[2])),
+        "decode_step_cuda": HandMappedFamily(r"decode_step_b([24])_d(\d+)_(\w+)", decode_cuda.decode_step_cuda,
+                                             lambda m: (int(m[2]), int(m[1]), m[3]), knobs={"stages": (0, 2, 3, 4)},
+                                             target_args=lambda t: {"copy_engine": decode_cuda.has_copy_engine(
+                                                 t.attrs.get("arch"))}),
     }
 
 

@@ -31,7 +31,7 @@ ATTR = "turbotvm.tuning"
 FAMILIES = {
     "quantize": ("quantize_", "channel_smoothing_"),
     "prefill": ("prefill_",),
-    "decode": ("decode_split_", "decode_merge_"),
+    "decode": ("decode_split_", "decode_merge_", "decode_step_"),
     "compress": ("compress_", "decompress_"),
 }
 
@@ -61,12 +61,14 @@ class ShapeBucket:
         return {"B": self.batch, "H": self.heads, "HKV": self.kv_heads, "HG": self.kv_heads, "N": self.seq_len,
                 "M": self.seq_len, "L": self.seq_len, "NB": blocks, "NQB": blocks, "NKB": blocks, "NP": blocks,
                 "S": self.splits, "D": head_dim, "NC": blocks, "W": packed + kept, "KW": packed + kept,
-                "VW": packed}
+                "VW": packed, "SLOTS": self.splits + 2, "LS": QUANT_BLOCK, "NS": 1, "LO": QUANT_BLOCK, "NO": 1}
 
     def scalars(self, head_dim: int) -> dict:
         """Values of the kernels' scalar arguments, by name."""
         return {"sm_scale": head_dim ** -0.5, "group_size": self.heads // self.kv_heads, "num_splits": self.splits,
-                "slot_offset": 0, "length": self.seq_len}
+                "slot_offset": 0, "length": self.seq_len,
+                # the CUDA decode step's INT8 regions: a whole sink block and an open block of 63
+                "sink_len": QUANT_BLOCK, "open_len": QUANT_BLOCK - 1}
 
     def to_json(self) -> dict:
         return asdict(self)
