@@ -636,11 +636,13 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                             acc[0] = T.float32(0)
                             for i in T.serial(T.ceildiv(num_splits + 2, THREADS)):
                                 T.tvm_storage_sync("shared")
-                                ring_f32[tx] = T.if_then_else(i * THREADS + tx < num_splits + 2,
-                                                              sas_exp(ldcg(m_part, b, hq, i * THREADS + tx) - st[0]),
-                                                              T.float32(0))
+                                st[2] = T.if_then_else(i * THREADS + tx < num_splits + 2,
+                                                       ldcg(m_part, b, hq, i * THREADS + tx), T.float32(NEG_BIG))
+                                st[3] = T.if_then_else(i * THREADS + tx < num_splits + 2, sas_exp(st[2] - st[0]),
+                                                       T.float32(0))
+                                ring_f32[tx] = st[3]
                                 st[1] = st[1] + T.if_then_else(i * THREADS + tx < num_splits + 2,
-                                                               ring_f32[tx] * ldcg(l_part, b, hq, i * THREADS + tx),
+                                                               st[3] * ldcg(l_part, b, hq, i * THREADS + tx),
                                                                T.float32(0))
                                 T.tvm_storage_sync("shared")
                                 if tx < D:
