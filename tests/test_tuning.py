@@ -318,15 +318,15 @@ def test_hand_mapped_knob_variants_are_tuned_and_rebuilt(tmp_path, monkeypatch):
 
 def test_shipped_sm90_log_is_fresh_for_these_kernels():
     """tuning_logs/sm_90 holds no record for older CUDA kernel code: a kernel change needs a re-tune or
-    a prune. It holds the prefill kernels and the packed decode split kernels."""
+    a prune. It holds the prefill kernels."""
     from pathlib import Path
 
     shipped = Path(__file__).resolve().parent.parent / "tuning_logs"
     target = make_target({"kind": "cuda", "arch": "sm_90"})
     funcs = make_kernel_set(KernelSetConfig((64, 128), ("float16",)), "cuda").funcs
-    with pytest.warns(TuningNotice, match="has no record for 24 of 32 kernels;"):  # none stale
+    with pytest.warns(TuningNotice, match="has no record for 24 of 28 kernels;"):  # none stale
         tuned = tuned_kernels(shipped, funcs, target)
-    assert sorted(tuned) == sorted(n for n in funcs if n.startswith(("prefill_tc_", "decode_split_b")))
+    assert sorted(tuned) == sorted(n for n in funcs if n.startswith("prefill_tc_"))
     assert all(f.attrs[HAND_MAPPED] for f in tuned.values())
 
 
@@ -356,6 +356,6 @@ def test_prune_stale_drops_only_older_kernel_code(tmp_path):
     assert [w.json_obj for w in after] == [w.json_obj for w in before if w.meta["kernel"] != changed]
     assert [[r[2] for r in w.records] for w in after] == \
         [[r[2] for r in w.records] for w in before if w.meta["kernel"] != changed]
-    with pytest.warns(TuningNotice, match="has no record for 25 of 32 kernels;"):  # the changed one: none left
+    with pytest.warns(TuningNotice, match="has no record for 25 of 28 kernels;"):  # the changed one: none left
         tuned = tuned_kernels(log, funcs, target)
     assert changed not in tuned and "prefill_tc_causal_d128_float16" in tuned
