@@ -361,7 +361,8 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                             mine[4] = T.min(cta * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
                             mine[5] = T.min((cta + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits),
                                             T.ceildiv(length, BK))
-                            mine[6] = T.if_then_else(cta == num_splits, sink_len, open_len)
+                            mine[6] = T.if_then_else(cta == num_splits, sink_len,  # a split CTA: no INT8 tokens
+                                                     T.if_then_else(cta == num_splits + 1, open_len, 0))
                             for i in T.unroll(7):
                                 ids[i] = mine[i]
                             if COPY_ENGINE:
