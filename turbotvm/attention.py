@@ -210,17 +210,6 @@ class TurboAttention:
 
     # ------------------------------------------------------------------ decode
 
-    def _quantize_query(self, q, dtype, k_factor, q8=None, q_scale=None):
-        """INT8 query balanced by K's factor, as decode computes it (on CUDA inside each CTA of the
-        step kernel): for tools and tests that check q's codes."""
-        if self.device_type != "cuda":
-            return self.quantize(q, dtype, balance=k_factor)
-        b, h, n, d = q.shape
-        q8 = self._empty(q, (b, h, n, d), torch.int8) if q8 is None else q8
-        q_scale = self._empty(q, (b, h, -(-n // QUANT_BLOCK)), torch.float32) if q_scale is None else q_scale
-        self.kernels[names.quantize_rows_name(dtype, d, "balanced")](q, k_factor, q8, q_scale)
-        return q8, q_scale
-
     def _decode_workspace(self, q, slots: int) -> tuple:
         """Scratch of one decode: (partial states, o_part, m_part, l_part, counters).
 
@@ -293,6 +282,11 @@ class TurboAttention:
         splits = max(1, min(tiles, SPLIT_CTAS_PER_SM * sms // (q.shape[0] * (heads or q.shape[1]))))
         return -(-tiles // -(-tiles // splits))  # only as many as get tiles (each takes ceil(tiles / splits))
 
+    def _group_splits(self, q, cache, groups, num_splits: int, group_size: int) -> list:
+        """Splits of each group's launch: ``num_splits``, or (0) chosen for the group's query heads."""
+        return [num_splits or self._auto_splits(q, cache.packed_len, len(group.heads) * group_size)
+                for group in groups]
+
     @on_torch_stream
     def decode(self, q, cache: CompressedKV, scale: float | None = None, num_splits: int = DEFAULT_DECODE_SPLITS):
         """Attention of one query token q [B,H,1,D] over the whole compressed cache."""
@@ -351,10 +345,9 @@ class TurboAttention:
 
         Each launch picks its own splits (a group of few heads takes more, to fill the GPU); a head's
         slots are [0, splits) for its splits, then the sink and the open block's."""
-        b, h, _, d = q.shape
+        b, _, _, d = q.shape
         groups = cache.groups or [self._no_packed_group(q.device, b, cache.num_kv_heads, d)]
-        group_splits = [num_splits or self._auto_splits(q, cache.packed_len, len(group.heads) * group_size)
-                        for group in groups]
+        group_splits = self._group_splits(q, cache, groups, num_splits, group_size)
         _, o_part, m_part, l_part, counters = self._decode_workspace(q, max(group_splits) + 2)
         out = torch.empty_like(q)
         for group, splits in zip(groups, group_splits):
@@ -371,14 +364,13 @@ class TurboAttention:
         and one for the open block. Each split writes its slot (an empty split the neutral state);
         heads of a group with fewer splits than S leave slots unwritten, so then slots [0, S) are
         first marked empty (m = NEG_BIG, finite: its weight in the merge is 0)."""
-        b, h, _, d = q.shape
-        group_splits = [num_splits or self._auto_splits(q, cache.packed_len, len(group.heads) * group_size)
-                        for group in cache.groups]
+        b, _, _, d = q.shape
+        group_splits = self._group_splits(q, cache, cache.groups, num_splits, group_size)
         split_slots = max(group_splits, default=0)
         partial_states, o_part, m_part, l_part, _ = self._decode_workspace(q, split_slots + 2)
         if len(set(group_splits)) > 1:
             partial_states.fill_(NEG_BIG)
-        q8, q_scale = self._quantize_query(q, dtype, cache.k_factor)
+        q8, q_scale = self.quantize(q, dtype, balance=cache.k_factor)  # balanced by K's factor
         heads, unused_step, unused_zero = self._int8_constants(q.device, b, cache.num_kv_heads, d)
         for slot, ((k8, k8_scale, v8, v8_scale), tokens) in enumerate(regions, split_slots):
             self.kernels[names.decode_split_name(d, 8)](

@@ -237,6 +237,22 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
             v_reg[w] = T.if_then_else(kt * BK + (w * THREADS + tx) // DW < length,
                                       v_w[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW], 0)
 
+    @T.macro
+    def softmax_update(st, code, red, sas_table):
+        """SAS online softmax over a tile, given this thread's score st[2] and each warp's max in
+        red[2 WARPS:3 WARPS]: the tile max (st[3]), the rescale of the running state (st[4]), P's scale
+        (st[5], and its inverse st[6]), the new running max (st[0]) and this token's P code (code[0])."""
+        st[3] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]), T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
+        st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
+        st[5] = sas_exp_from_table(st[3] - T.max(st[0], st[3]), sas_table) / T.float32(INT8_MAX)
+        st[0] = T.max(st[0], st[3])
+        st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
+        code[0] = T.if_then_else(
+            T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
+            T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]),
+                                  T.float32(INT8_MAX))),
+            0)
+
     def ldcg(buffer, *index):
         """A load through L2 only: states other CTAs wrote (L1 is not coherent across SMs)."""
         return T.call_pure_extern("float32", "__ldcg", T.address_of(buffer[index]))
@@ -496,17 +512,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                             T.tvm_storage_sync("shared")
 
                             # ---- SAS online softmax over the tile; P codes to shared memory (P·V's byte order)
-                            st[3] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]),
-                                          T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
-                            st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
-                            st[5] = sas_exp_from_table(st[3] - T.max(st[0], st[3]), sas_table) / T.float32(INT8_MAX)
-                            st[0] = T.max(st[0], st[3])
-                            st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
-                            code[0] = T.if_then_else(
-                                T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
-                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table)
-                                                                  * st[6]), T.float32(INT8_MAX))),
-                                0)
+                            softmax_update(st, code, red, sas_table)
                             if side == 0:
                                 p_bytes[p_byte(token)] = T.Cast("int8", code[0])
                             code[0] = _warp_sum(T.if_then_else(side == 0, code[0], 0))
@@ -573,17 +579,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                             if tx % 32 == 0:
                                 red[2 * WARPS + tx // 32] = st[3]
                             T.tvm_storage_sync("shared")
-                            st[3] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]),
-                                          T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
-                            st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
-                            st[5] = sas_exp_from_table(st[3] - T.max(st[0], st[3]), sas_table) / T.float32(INT8_MAX)
-                            st[0] = T.max(st[0], st[3])
-                            st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
-                            code[0] = T.if_then_else(
-                                T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
-                                T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table)
-                                                                  * st[6]), T.float32(INT8_MAX))),
-                                0)
+                            softmax_update(st, code, red, sas_table)
                             # tokens 4j..4j+3 sit on lanes 8j, +2, +4, +6: gather and store one word
                             p_word_of_lane: T.let[T.int32] = _lane_word(code[0], 2)
                             if tx % 8 == 0:
