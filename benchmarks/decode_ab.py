@@ -52,7 +52,7 @@ def main(argv=None):
         for bits in (4, 2):
             cache = turbo.compress_kv(k, v, [bits] * h)
             splits = turbo._auto_splits(q, cache.packed_len)
-            _, o_part, m_part, l_part, counters = turbo._decode_workspace(q, splits + 2)
+            _, o_part, m_part, l_part, counters = turbo._decode_workspace(q, splits + 1)
             regions = (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
                        cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale)
             group = cache.groups[0]

@@ -113,7 +113,7 @@ def test_decode_cuda_mixed_bits_auto_splits_per_launch(turbo_cuda, rng):
 @pytest.mark.parametrize("length", [1, 37, 64, 65, 128, 191])
 @pytest.mark.parametrize("head_dim,dtype", [(64, "bfloat16"), (128, "float16")])
 def test_decode_cuda_int8_regions(turbo_cuda, rng, length, head_dim, dtype):
-    """The step's INT8 CTAs attend to the sink and the open block, each present or not (lengths around
+    """The step's INT8 CTA attends to the sink and the open block, each present or not (lengths around
     the block edges; below 128 tokens no packed group: a stand-in one), GQA 4."""
     q, k, v = realistic_qkv(rng, 2, 8, 2, 1, length, head_dim)
     q_cuda = torch.from_numpy(q).to("cuda", getattr(torch, dtype))
@@ -131,7 +131,7 @@ def test_decode_step_counts_reset_and_steps_repeat(turbo_cuda, rng):
     q_cuda = torch.from_numpy(q).to("cuda", torch.float16)
     cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), [4, 2])
     first = turbo_cuda.decode(q_cuda, cache, num_splits=4)
-    counters = turbo_cuda._decode_workspace(q_cuda, 4 + 2)[-1]  # the one that call used
+    counters = turbo_cuda._decode_workspace(q_cuda, 4 + 1)[-1]  # the one that call used
     assert counters.shape == (3, 8) and torch.count_nonzero(counters) == 0
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -279,7 +279,9 @@ class TurboAttention:
         if sms is None:
             sms = self._sm_count[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
         tiles = max(1, -(-compressed_len // QUANT_BLOCK))
-        splits = max(1, min(tiles, SPLIT_CTAS_PER_SM * sms // (q.shape[0] * (heads or q.shape[1]))))
+        # a head's CTAs: its splits and one over its INT8 tokens, all in one wave when they can be
+        ctas_per_head = SPLIT_CTAS_PER_SM * sms // (q.shape[0] * (heads or q.shape[1]))
+        splits = max(1, min(tiles, ctas_per_head - 1))
         return -(-tiles // -(-tiles // splits))  # only as many as get tiles (each takes ceil(tiles / splits))
 
     def _group_splits(self, q, cache, groups, num_splits: int, group_size: int) -> list:
@@ -344,11 +346,11 @@ class TurboAttention:
         stand-in group), each attending to its heads' packed splits and INT8 regions and merging them.
 
         Each launch picks its own splits (a group of few heads takes more, to fill the GPU); a head's
-        slots are [0, splits) for its splits, then the sink and the open block's."""
+        slots are [0, splits) for its splits, then one for its INT8 tokens (sink and open block)."""
         b, _, _, d = q.shape
         groups = cache.groups or [self._no_packed_group(q.device, b, cache.num_kv_heads, d)]
         group_splits = self._group_splits(q, cache, groups, num_splits, group_size)
-        _, o_part, m_part, l_part, counters = self._decode_workspace(q, max(group_splits) + 2)
+        _, o_part, m_part, l_part, counters = self._decode_workspace(q, max(group_splits) + 1)
         out = torch.empty_like(q)
         for group, splits in zip(groups, group_splits):
             self.kernels[names.decode_step_name(d, group.bits, dtype)](

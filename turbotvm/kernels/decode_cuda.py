@@ -98,11 +98,12 @@ MERGE_SLOTS_IN_FLIGHT = 16  # merge: slots' O a thread loads before it weighs th
 def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, copy_engine: bool = True):
     """A whole decode step for the query heads of one bit width group, in one launch.
 
-    CTA (x, by), x < num_splits + 2, by = (batch, head of the group, query head of its KV head):
+    CTA (x, by), x < num_splits + 1, by = (batch, head of the group, query head of its KV head):
     x < num_splits walks split x's 64-token tiles of the group's 2/4-bit codes; x = num_splits walks
-    the INT8 sink block, num_splits + 1 the INT8 open block. Each writes its online-softmax state to
+    the INT8 tokens, the sink block's tiles then the open block's (a few tiles: one CTA, so that a
+    head's CTAs fit one wave with as many splits as possible). Each writes its online-softmax state to
     slot x of (o_part, m_part, l_part); the last CTA of a head to finish (an atomic count per head in
-    ``counters``, reset by it) merges the head's num_splits + 2 slots into ``out``. Every CTA
+    ``counters``, reset by it) merges the head's num_splits + 1 slots into ``out``. Every CTA
     quantizes q itself (balanced by K's factor: quantize_rows 'balanced', bit for bit). One launch
     where three were (q and the INT8 tokens, the packed splits, the merge): each launch and the gap
     after it cost several microseconds, a tenth of a B = 1 step at 32K tokens.
@@ -228,16 +229,6 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
         return 4 * ((t // per_word) * SPREAD + t % SPREAD) + (t % per_word) // SPREAD
 
     @T.macro
-    def load_int8_rows(k_w, v_w, k_reg, v_reg, b, g, kt, tx, length):
-        """INT8 tile kt's K and V rows as words to registers (tokens past ``length`` read as 0), all
-        loads issued together, so the CTA waits for global memory once."""
-        for w in T.unroll(ROW8_WORDS):
-            k_reg[w] = T.if_then_else(kt * BK + (w * THREADS + tx) // DW < length,
-                                      k_w[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW], 0)
-            v_reg[w] = T.if_then_else(kt * BK + (w * THREADS + tx) // DW < length,
-                                      v_w[b, g, kt * BK + (w * THREADS + tx) // DW, tx % DW], 0)
-
-    @T.macro
     def softmax_update(st, code, red, sas_table):
         """SAS online softmax over a tile, given this thread's score st[2] and each warp's max in
         red[2 WARPS:3 WARPS]: the tile max (st[3]), the rescale of the running state (st[4]), P's scale
@@ -299,7 +290,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
         sink_vw = T.decl_buffer((B, HKV, LS, DW), "int32", data=sink_v.data)
         open_kw = T.decl_buffer((B, HKV, LO, DW), "int32", data=open_k.data)
         open_vw = T.decl_buffer((B, HKV, LO, DW), "int32", data=open_v.data)
-        for cta in T.thread_binding(num_splits + 2, thread="blockIdx.x"):
+        for cta in T.thread_binding(num_splits + 1, thread="blockIdx.x"):
             for by in T.thread_binding(B * HG * group_size, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     # registers for SPLIT_CTAS_PER_SM CTAs per SM (at most 64), as the split count assumes
@@ -363,12 +354,12 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                         code = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         kept_slot = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         arrived = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        mine = T.sblock_alloc_buffer((7,), "int32", scope="local")  # thread 0: ids, below
+                        mine = T.sblock_alloc_buffer((8,), "int32", scope="local")  # thread 0: ids, below
 
-                        # batch, group head, KV head, query head, tile range / region length of this CTA,
+                        # batch, group head, KV head, query head, tile range, INT8 tiles of this CTA,
                         # through shared memory (as expressions of runtime sizes ptxas would redo their
                         # divisions at every use); thread 0 also starts the first tiles' copies
-                        ids = T.sblock_alloc_buffer((8,), "int32", scope="shared")
+                        ids = T.sblock_alloc_buffer((9,), "int32", scope="shared")
                         if tx == 0:  # in registers first: the planner would put barriers between shared stores and loads
                             mine[0] = T.truncdiv(by, HG * group_size)
                             mine[1] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
@@ -377,9 +368,10 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                             mine[4] = T.min(cta * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
                             mine[5] = T.min((cta + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits),
                                             T.ceildiv(length, BK))
-                            mine[6] = T.if_then_else(cta == num_splits, sink_len,  # a split CTA: no INT8 tokens
-                                                     T.if_then_else(cta == num_splits + 1, open_len, 0))
-                            for i in T.unroll(7):
+                            # the INT8 CTA's tiles of the sink and of the open block (a split CTA: none)
+                            mine[6] = T.if_then_else(cta == num_splits, T.ceildiv(sink_len, BK), 0)
+                            mine[7] = T.if_then_else(cta == num_splits, T.ceildiv(open_len, BK), 0)
+                            for i in T.unroll(8):
                                 ids[i] = mine[i]
                             if COPY_ENGINE:
                                 for i in T.unroll(STAGES):
@@ -398,7 +390,8 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                         hq: T.let[T.int32] = ids[3]
                         first: T.let[T.int32] = ids[4]
                         last: T.let[T.int32] = ids[5]
-                        region_len: T.let[T.int32] = ids[6]
+                        sink_tiles: T.let[T.int32] = ids[6]
+                        open_tiles: T.let[T.int32] = ids[7]
                         token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
                         side: T.let[T.int32] = tx % 2
 
@@ -544,21 +537,26 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                                         * st[9 + gi]
                                 acc[0] = acc[0] * st[4] + st[5] * v_scale[b, g, tile] * st[7]
                                 st[1] = st[1] * st[4] + st[5] * (st[9] + st[10])
-                        # ======== the INT8 sink block (cta == num_splits) or open block (num_splits + 1);
-                        # a split CTA has no such tokens. Loops, not branches: TVM plans barriers in loops
-                        for kt in T.serial(T.ceildiv(region_len, BK)):
+
+                        @T.inline
+                        def int8_tile(k_w8, v_w8, k_scale8, v_scale8, kt, length):
+                            """INT8 tile kt of a region (sink or open block) into the running state, on
+                            the step's registers and shared buffers (inline: it sees them by name, as a
+                            loop body would). One loop per region, not one over both choosing per tile:
+                            that choice cost registers, and the 2-bit kernel spilled under the cap."""
                             T.tvm_storage_sync("shared")
-                            # ---- K rows as they are (4 codes per word), V transposed to [D][64 tokens]
-                            if cta == num_splits:
-                                load_int8_rows(sink_kw, sink_vw, k8_reg, v8_reg, b, kvh, kt, tx, region_len)
-                            else:
-                                load_int8_rows(open_kw, open_vw, k8_reg, v8_reg, b, kvh, kt, tx, region_len)
+                            # ---- K and V rows as words to registers (tokens past ``length`` read as 0),
+                            # all loads issued together, so the CTA waits for global memory once; then K
+                            # rows as they are (4 codes per word) and V transposed to [D][64 tokens]
+                            for w in T.unroll(ROW8_WORDS):
+                                row: T.let[T.int32] = kt * BK + (w * THREADS + tx) // DW
+                                k8_reg[w] = T.if_then_else(row < length, k_w8[b, kvh, row, tx % DW], 0)
+                                v8_reg[w] = T.if_then_else(row < length, v_w8[b, kvh, row, tx % DW], 0)
                             for w in T.unroll(ROW8_WORDS):
                                 ring[(w * THREADS + tx) // DW * K8_STRIDE + tx % DW] = k8_reg[w]
                                 for j in T.unroll(4):  # byte j of the word: channel 4 * (tx % DW) + j
                                     ring_i8[(V8_AT + (4 * (tx % DW) + j) * V8_STRIDE) * 4
-                                            + (w * THREADS + tx) // DW] = T.Cast("int8",
-                                                                                 T.shift_right(v8_reg[w], 8 * j))
+                                            + (w * THREADS + tx) // DW] = T.Cast("int8", T.shift_right(v8_reg[w], 8 * j))
                             T.tvm_storage_sync("shared")
 
                             # ---- score of token tx // 2 (both threads of the pair hold it)
@@ -570,10 +568,8 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                                 s_acc[0] = _dp4a(q_frag[i], k_vec[i], s_acc[0])
                             s_acc[0] = s_acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_acc[0], 1, 32, 32)
                             st[2] = T.if_then_else(
-                                kt * BK + token < region_len,
-                                T.Cast("float32", s_acc[0]) * st[12]
-                                * T.if_then_else(cta == num_splits, sink_k_scale[b, kvh, kt], open_k_scale[b, kvh, kt])
-                                * sm_scale,
+                                kt * BK + token < length,
+                                T.Cast("float32", s_acc[0]) * st[12] * k_scale8[b, kvh, kt] * sm_scale,
                                 T.float32(NEG_BIG))
                             st[3] = T.cuda.warp_reduce(st[2], "max", 32)
                             if tx % 32 == 0:
@@ -595,10 +591,15 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                                 for i in T.unroll(BK // 4):
                                     pv[0] = _dp4a(p_w[i], v8_vec[i], pv[0])
                                     pv[1] = _dp4a(p_w[i], 0x01010101, pv[1])
-                                acc[0] = acc[0] * st[4] + st[5] * T.if_then_else(
-                                    cta == num_splits, sink_v_scale[b, kvh, kt], open_v_scale[b, kvh, kt]) \
-                                    * T.Cast("float32", pv[0])
+                                acc[0] = acc[0] * st[4] + st[5] * v_scale8[b, kvh, kt] * T.Cast("float32", pv[0])
                                 st[1] = st[1] * st[4] + st[5] * T.Cast("float32", pv[1])
+
+                        # ======== the INT8 sink block's tiles, then the open block's (cta == num_splits);
+                        # a split CTA has none. Loops, not branches: TVM plans barriers in loops
+                        for kt in T.serial(sink_tiles):
+                            int8_tile(sink_kw, sink_vw, sink_k_scale, sink_v_scale, kt, sink_len)
+                        for kt in T.serial(open_tiles):
+                            int8_tile(open_kw, open_vw, open_k_scale, open_v_scale, kt, open_len)
 
                         # ======== this CTA's state to slot `cta`; the head's last CTA merges every slot
                         if tx < D:
@@ -609,17 +610,17 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                         T.evaluate(T.call_extern("void", "__threadfence"))  # the state, visible GPU-wide ...
                         T.tvm_storage_sync("shared")  # ... from every thread, before the count says so
                         if tx == 0:
-                            ids[7] = T.call_extern("int32", "atomicAdd", T.address_of(counters[b, hq]), 1)
+                            ids[8] = T.call_extern("int32", "atomicAdd", T.address_of(counters[b, hq]), 1)
                         T.tvm_storage_sync("shared")
-                        arrived[0] = ids[7]  # through a register: a branch may not test shared memory here
+                        arrived[0] = ids[8]  # through a register: a branch may not test shared memory here
                         # the merge, by the last CTA: a loop of 0 or 1 rounds (TVM plans barriers in loops,
                         # not in branches)
-                        for _last in T.serial(T.if_then_else(arrived[0] == num_splits + 1, 1, 0)):
+                        for _last in T.serial(T.if_then_else(arrived[0] == num_splits, 1, 0)):
                             T.evaluate(T.call_extern("void", "__threadfence"))
                             # ---- the max over the slots: strided over the CTA, then across warps
                             st[0] = T.float32(NEG_BIG)
-                            for i in T.serial(T.ceildiv(num_splits + 2, THREADS)):
-                                if i * THREADS + tx < num_splits + 2:
+                            for i in T.serial(T.ceildiv(num_splits + 1, THREADS)):
+                                if i * THREADS + tx < num_splits + 1:
                                     st[0] = T.max(st[0], ldcg(m_part, b, hq, i * THREADS + tx))
                             st[0] = _warp_max(st[0])
                             if tx % 32 == 0:
@@ -631,22 +632,22 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                             # memory, weighted l to its sum), then thread d sums channel d's O over them
                             st[1] = T.float32(0)
                             acc[0] = T.float32(0)
-                            for i in T.serial(T.ceildiv(num_splits + 2, THREADS)):
+                            for i in T.serial(T.ceildiv(num_splits + 1, THREADS)):
                                 T.tvm_storage_sync("shared")
-                                st[2] = T.if_then_else(i * THREADS + tx < num_splits + 2,
+                                st[2] = T.if_then_else(i * THREADS + tx < num_splits + 1,
                                                        ldcg(m_part, b, hq, i * THREADS + tx), T.float32(NEG_BIG))
-                                st[3] = T.if_then_else(i * THREADS + tx < num_splits + 2, sas_exp(st[2] - st[0]),
+                                st[3] = T.if_then_else(i * THREADS + tx < num_splits + 1, sas_exp(st[2] - st[0]),
                                                        T.float32(0))
                                 ring_f32[tx] = st[3]
-                                st[1] = st[1] + T.if_then_else(i * THREADS + tx < num_splits + 2,
+                                st[1] = st[1] + T.if_then_else(i * THREADS + tx < num_splits + 1,
                                                                st[3] * ldcg(l_part, b, hq, i * THREADS + tx),
                                                                T.float32(0))
                                 T.tvm_storage_sync("shared")
                                 if tx < D:
-                                    for j in T.serial(T.ceildiv(T.min(THREADS, num_splits + 2 - i * THREADS), U)):
+                                    for j in T.serial(T.ceildiv(T.min(THREADS, num_splits + 1 - i * THREADS), U)):
                                         for u in T.unroll(U):
                                             slot_o[u] = T.if_then_else(
-                                                i * THREADS + j * U + u < num_splits + 2,
+                                                i * THREADS + j * U + u < num_splits + 1,
                                                 ldcg(o_part, b, hq, i * THREADS + j * U + u, tx), T.float32(0))
                                         for u in T.unroll(U):
                                             acc[0] = acc[0] + ring_f32[j * U + u] * slot_o[u]

@@ -61,7 +61,7 @@ class ShapeBucket:
         return {"B": self.batch, "H": self.heads, "HKV": self.kv_heads, "HG": self.kv_heads, "N": self.seq_len,
                 "M": self.seq_len, "L": self.seq_len, "NB": blocks, "NQB": blocks, "NKB": blocks, "NP": blocks,
                 "S": self.splits, "D": head_dim, "NC": blocks, "W": packed + kept, "KW": packed + kept,
-                "VW": packed, "SLOTS": self.splits + 2, "LS": QUANT_BLOCK, "NS": 1, "LO": QUANT_BLOCK, "NO": 1}
+                "VW": packed, "SLOTS": self.splits + 1, "LS": QUANT_BLOCK, "NS": 1, "LO": QUANT_BLOCK, "NO": 1}
 
     def scalars(self, head_dim: int) -> dict:
         """Values of the kernels' scalar arguments, by name."""
