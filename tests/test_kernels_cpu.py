@@ -186,16 +186,17 @@ def test_decode_mixed_precision_realistic(turbo_cpu, rng):
 
 
 @pytest.mark.parametrize("batch,heads,tokens,splits", [
-    (1, 32, 32768, 32),   # 33 x 32 = 1056 CTAs fill one wave of 8 per SM on 132 SMs, but 512 tiles
-                          # take 16 per split either way: 32 splits (the 33rd would have none)
-    (1, 32, 40 * 64, 20),  # 33 by the wave, 2 tiles each: 20 splits
-    (16, 32, 32768, 2),   # 1024 CTAs; 3 splits would be 1.45 waves (measured 15 % slower on the H200)
+    (1, 32, 32768, 32),   # (32 + 1 INT8 CTA) x 32 heads = 1056 CTAs fill one wave of 8 per SM on 132 SMs
+    (1, 32, 40 * 64, 20),  # 32 by the wave, 2 tiles each: 20 splits
+    (16, 32, 32768, 2),   # a share of 2 per head: the INT8 CTA does not take a split's place; 3 splits
+                          # would be 1.45 waves of long CTAs (measured 15 % slower on the H200)
     (64, 32, 4096, 1),    # more sequences x heads than a wave holds: one split
     (1, 8, 64 * 5, 5),    # a short cache: one 64-token tile per split at most
 ])
 def test_gpu_split_count_fills_one_wave(batch, heads, tokens, splits):
-    """The CUDA split rule, s = min(tiles, max(1, floor(8 * SMs / (B * H)))), then only as many splits
-    as get tiles (ceil(tiles / s) each), on a stand-in H200 (132 SMs)."""
+    """The CUDA split rule: n = floor(8 * SMs / (B * H)) CTAs per head, s = min(tiles, max(1, n - 1 if
+    n > 2 else n)) (one of the n is the INT8 CTA), then only as many splits as get tiles (ceil(tiles / s)
+    each), on a stand-in H200 (132 SMs)."""
     from types import SimpleNamespace
 
     q = torch.empty(batch, heads, 1, 128)

@@ -279,9 +279,11 @@ class TurboAttention:
         if sms is None:
             sms = self._sm_count[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
         tiles = max(1, -(-compressed_len // QUANT_BLOCK))
-        # a head's CTAs: its splits and one over its INT8 tokens, all in one wave when they can be
+        # a head's share of one wave: its splits and one short CTA over its INT8 tokens. With a share of
+        # 2 or less the INT8 CTA does not take a split's place: halving the long CTAs would cost more
+        # than the INT8 CTAs' short second wave
         ctas_per_head = SPLIT_CTAS_PER_SM * sms // (q.shape[0] * (heads or q.shape[1]))
-        splits = max(1, min(tiles, ctas_per_head - 1))
+        splits = max(1, min(tiles, ctas_per_head - 1 if ctas_per_head > 2 else ctas_per_head))
         return -(-tiles // -(-tiles // splits))  # only as many as get tiles (each takes ceil(tiles / splits))
 
     def _group_splits(self, q, cache, groups, num_splits: int, group_size: int) -> list:
