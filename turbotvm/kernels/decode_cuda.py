@@ -1,15 +1,13 @@
-"""Decode over the compressed cache on CUDA: the math of ``decode.py``, mapped by hand onto a CTA.
+"""Decode over the compressed cache on CUDA: the math of ``decode.py``, mapped by hand onto CTAs.
 
 The results of ``decode_split`` / ``decode_merge`` (checked against turbotvm.reference), written
 at thread level like MLC-LLM's decode kernels because decode is bandwidth-bound and the
 one-thread-per-tile SIMT rule cannot read the cache at speed.
-A CTA of 128 threads owns one (split, batch, query head) and walks its 64-token tiles.
 
-* ``decode_int8_cuda``, the step's first launch, quantizes q (for every launch of the step) and
-  attends to the INT8 tokens: the sink block and the open block, one state slot each.
-* ``decode_split_packed`` (2/4-bit groups) computes on the packed codes, never expanding them;
-  same signature as ``decode_split``.
-* ``decode_merge_cuda`` combines the split states."""
+``decode_step_cuda`` is a whole step for one bit width group in one launch: per query head, CTAs of
+128 threads over the splits of the packed 2/4-bit codes (computed on the codes, never expanded) and
+one over the INT8 tokens (sink and open block), each quantizing q itself; the head's last CTA to
+finish merges their states."""
 
 import re
 
@@ -57,7 +55,7 @@ def _lane_word(x, stride):
     return _pack4(x, *[T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), x, k * stride, 32, 32) for k in (1, 2, 3)])
 
 
-#: shared memory an SM gives its CTAs (sm_90: 228 KB, 1 KB of it reserved per CTA), and the split
+#: shared memory an SM gives its CTAs (sm_90: 228 KB, 1 KB of it reserved per CTA), and the step
 #: kernel's CTAs per SM, which the runtime's split count assumes (one wave)
 SMEM_PER_SM = 228 * 1024
 SPLIT_CTAS_PER_SM = 8
@@ -89,7 +87,6 @@ def has_copy_engine(arch: str | None) -> bool:
     unnamed arch counts as sm_90, the arch turbotvm is tuned for)."""
     match = re.fullmatch(r"sm_(\d+)[a-z]?", str(arch)) if arch else None
     return match is None or int(match[1]) >= 90
-
 
 
 MERGE_SLOTS_IN_FLIGHT = 16  # merge: slots' O a thread loads before it weighs them
