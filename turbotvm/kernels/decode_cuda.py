@@ -391,6 +391,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                         open_tiles: T.let[T.int32] = ids[7]
                         token: T.let[T.int32] = tx // 2  # Q·Kᵀ: two threads per token
                         side: T.let[T.int32] = tx % 2
+                        grp: T.let[T.int32] = tx // (2 * CACHE_GROUP)  # the token's stage-2 group
 
                         # ---- q' = q · K's factor (channel tx), to INT8 by the absmax over its channels
                         st[11] = T.if_then_else(tx < D, T.Cast("float32", q[b, hq, 0, tx % D]) * k_factor[b, kvh, tx % D],
@@ -471,11 +472,9 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                             # ---- Q·Kᵀ on the packed codes; the token's two threads add their halves
                             for j in T.unroll(QS_READ // 4):
                                 for w in T.vectorized(4):
-                                    qs_h[j * 4 + w] = qs_hi_vec[(tx // (2 * CACHE_GROUP) * QS_WORDS + side * QS_READ)
-                                                                // 4 + j, w]
+                                    qs_h[j * 4 + w] = qs_hi_vec[(grp * QS_WORDS + side * QS_READ) // 4 + j, w]
                                 for w in T.vectorized(4):
-                                    qs_l[j * 4 + w] = qs_lo_vec[(tx // (2 * CACHE_GROUP) * QS_WORDS + side * QS_READ)
-                                                                // 4 + j, w]
+                                    qs_l[j * 4 + w] = qs_lo_vec[(grp * QS_WORDS + side * QS_READ) // 4 + j, w]
                             s_acc[0] = 0
                             s_acc[1] = 0
                             for i in T.unroll(QK_WORDS):
@@ -491,7 +490,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                                 s_acc[0] = _dp4a(_pack4(*[q_kept[4 * i + c] for c in range(4)]),
                                                  k_reg[QK_WORDS + i], s_acc[0])
                             s_acc[0] = s_acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_acc[0], 1, 32, 32)
-                            st[7] = T.if_then_else(tx // (2 * CACHE_GROUP) == 0, red[0] + red[1] + red[2] + red[3],
+                            st[7] = T.if_then_else(grp == 0, red[0] + red[1] + red[2] + red[3],
                                                    red[WARPS] + red[WARPS + 1] + red[WARPS + 2] + red[WARPS + 3])
                             st[2] = T.if_then_else(tile * BK + token < length,
                                                    (T.Cast("float32", s_acc[0]) + st[7]) * st[12]
