@@ -78,7 +78,7 @@ def test_cuda_long_sequences_keep_every_token_weight(turbo_cuda, rng):
     q, k, v = (torch.from_numpy(x).half().double().numpy() for x in (q, k, v))
     assert cosine(out.float().cpu().numpy(), ref.exact_attention(q, k, v)) >= 0.998
     q, k, v = random_qkv(rng, 1, 4, 4, 1, 16384 + 17, 128)
-    v = 0.5 * v + np.linspace(-1, 1, v.shape[2])[:, None]
+    v = (0.5 * v + np.linspace(-1, 1, v.shape[2])[:, None]).astype(np.float32)
     cache = turbo_cuda.compress_kv(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), [4] * 4)
     out = turbo_cuda.decode(torch.from_numpy(q).cuda(), cache, num_splits=1).cpu().numpy()
     assert cosine(out, ref.turbo_decode(q, ref.build_cache(k, v, [4] * 4), num_splits=1)) >= 0.9999
