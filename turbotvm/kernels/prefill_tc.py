@@ -31,9 +31,9 @@ ROW_PAD_WORDS = 4  # 16 bytes of padding per shared row: conflict-free fragment 
 
 
 def hand_min_blocks(head_dim: int) -> int:
-    """CTAs per SM asked of ptxas by default. At D=64, 3 (168 registers, from 143-168) was 1-15 % faster on
-    the H200 (tuning_logs/sm_90); at D=128 the 64 fp32 output accumulators need ~240 registers, and 3
-    spilled and was 12 % slower."""
+    """CTAs per SM asked of ptxas by default. At D=64, 3 (168 registers, from 143-168) was 1-15 % faster
+    on the H200 (benchmarks/results/tuning_sm_90.json); at D=128 the 64 fp32 output accumulators need
+    ~240 registers, and 3 spilled and was 12 % slower."""
     return 3 if head_dim <= 64 else 1
 
 
