@@ -44,6 +44,22 @@ def _warp_max(x):
         "int32", "__reduce_max_sync", T.uint32(0xFFFFFFFF), _order_key(T.reinterpret("int32", x)))))
 
 
+def _warps_max(red, at):
+    """Max of the WARPS per-warp values red[at:at + WARPS] (shared memory), as a balanced tree."""
+    values = [red[at + w] for w in range(WARPS)]
+    while len(values) > 1:
+        values = [T.max(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+    return values[0]
+
+
+def _warps_sum(red, at):
+    """Sum of the WARPS per-warp values red[at:at + WARPS] (shared memory), in warp order."""
+    total = red[at]
+    for w in range(1, WARPS):
+        total = total + red[at + w]
+    return total
+
+
 def _pack4(b0, b1, b2, b3):
     """Four int32 values in -128..127 packed as the bytes of one word (little end first)."""
     return (T.bitwise_and(b0, 255) | T.shift_left(T.bitwise_and(b1, 255), 8)
@@ -230,7 +246,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
         """SAS online softmax over a tile, given this thread's score st[2] and each warp's max in
         red[2 WARPS:3 WARPS]: the tile max (st[3]), the rescale of the running state (st[4]), P's scale
         (st[5], and its inverse st[6]), the new running max (st[0]) and this token's P code (code[0])."""
-        st[3] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]), T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
+        st[3] = _warps_max(red, 2 * WARPS)
         st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
         st[5] = sas_exp_from_table(st[3] - T.max(st[0], st[3]), sas_table) / T.float32(INT8_MAX)
         st[0] = T.max(st[0], st[3])
@@ -400,7 +416,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                         if tx % 32 == 0:
                             red[tx // 32] = st[12]
                         T.tvm_storage_sync("shared")
-                        st[12] = T.max(T.max(red[0], red[1]), T.max(red[2], red[3]))
+                        st[12] = _warps_max(red, 0)
                         st[12] = T.Select(st[12] > T.float32(0), st[12], T.float32(1))
                         code[0] = T.Cast("int32", int8_level(st[11], T.float32(INT8_MAX) / st[12]))
                         st[12] = st[12] / T.float32(INT8_MAX)
@@ -490,8 +506,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                                 s_acc[0] = _dp4a(_pack4(*[q_kept[4 * i + c] for c in range(4)]),
                                                  k_reg[QK_WORDS + i], s_acc[0])
                             s_acc[0] = s_acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), s_acc[0], 1, 32, 32)
-                            st[7] = T.if_then_else(grp == 0, red[0] + red[1] + red[2] + red[3],
-                                                   red[WARPS] + red[WARPS + 1] + red[WARPS + 2] + red[WARPS + 3])
+                            st[7] = T.if_then_else(grp == 0, _warps_sum(red, 0), _warps_sum(red, WARPS))
                             st[2] = T.if_then_else(tile * BK + token < length,
                                                    (T.Cast("float32", s_acc[0]) + st[7]) * st[12]
                                                    * k_scale[b, g, tile] * sm_scale, T.float32(NEG_BIG))
@@ -622,8 +637,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                             if tx % 32 == 0:
                                 red[2 * WARPS + tx // 32] = st[0]
                             T.tvm_storage_sync("shared")
-                            st[0] = T.max(T.max(red[2 * WARPS], red[2 * WARPS + 1]),
-                                          T.max(red[2 * WARPS + 2], red[2 * WARPS + 3]))
+                            st[0] = _warps_max(red, 2 * WARPS)
                             # ---- THREADS slots at a time: thread t weighs slot t (weight to shared
                             # memory, weighted l to its sum), then thread d sums channel d's O over them
                             st[1] = T.float32(0)
@@ -651,7 +665,7 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                             if tx % 32 == 0:
                                 red[3 * WARPS + tx // 32] = st[1]
                             T.tvm_storage_sync("shared")
-                            st[1] = red[3 * WARPS] + red[3 * WARPS + 1] + red[3 * WARPS + 2] + red[3 * WARPS + 3]
+                            st[1] = _warps_sum(red, 3 * WARPS)
                             if tx < D:
                                 out[b, hq, 0, tx] = T.Cast(in_dtype, T.if_then_else(
                                     st[1] > T.float32(0), acc[0] / st[1], T.float32(0)))
