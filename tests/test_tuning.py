@@ -316,6 +316,10 @@ def test_hand_mapped_knob_variants_are_tuned_and_rebuilt(tmp_path, monkeypatch):
     assert torch.equal(out, 2 * x)
 
 
+CUDA_SM90 = make_target({"kind": "cuda", "arch": "sm_90"})
+PREFILL_SETTINGS = [({"warps": 4, "min_blocks": 0}, 2e-3), ({"warps": 2, "min_blocks": 0}, 3e-3)]
+
+
 def test_shipped_sm90_log_is_fresh_for_these_kernels():
     """tuning_logs/sm_90 holds no record for older CUDA kernel code: a kernel change needs a re-tune or
     a prune. (Its prefill records were pruned when the SAS cubic changed, 2026-12-07; until the H200
@@ -325,17 +329,12 @@ def test_shipped_sm90_log_is_fresh_for_these_kernels():
     from turbotvm.tuning.lookup import prune_stale
 
     shipped = Path(__file__).resolve().parent.parent / "tuning_logs" / "sm_90"
-    target = make_target({"kind": "cuda", "arch": "sm_90"})
     funcs = make_kernel_set(KernelSetConfig((64, 128), ("float16",)), "cuda").funcs
     logged = {w.meta["kernel"] for w in read_log(shipped)}
     assert logged <= set(funcs)
     with pytest.warns(TuningNotice, match=rf"has no record for {len(funcs) - len(logged)} of {len(funcs)} kernels;"):
-        tuned_kernels(shipped, funcs, target)  # the count would add "(N with records for older kernel code)"
-    assert prune_stale(shipped, funcs, target) == 0  # nothing to drop: the file is left as it is
-
-
-CUDA_SM90 = make_target({"kind": "cuda", "arch": "sm_90"})
-PREFILL_SETTINGS = [({"warps": 4, "min_blocks": 0}, 2e-3), ({"warps": 2, "min_blocks": 0}, 3e-3)]
+        tuned_kernels(shipped, funcs, CUDA_SM90)  # the count would add "(N with records for older kernel code)"
+    assert prune_stale(shipped, funcs, CUDA_SM90) == 0  # nothing to drop: the file is left as it is
 
 
 def write_prefill_log(log_dir, funcs):
