@@ -1,11 +1,11 @@
-"""The decode step kernel of another source file vs this tree's, side by side on the same caches.
+"""The decode step kernels of other source files vs this tree's, side by side on the same caches.
 
     git show main:turbotvm/kernels/decode_cuda.py > /tmp/decode_cuda_main.py
-    python benchmarks/decode_ab.py /tmp/decode_cuda_main.py
+    python benchmarks/decode_ab.py /tmp/decode_cuda_main.py [/tmp/another_variant.py ...]
 
-Both read the cache as this tree lays it out and must provide ``decode_step_cuda`` (one launch per
-step). Per shape and bit width: the step kernel alone (median of CUDA-event timings), the GB/s of
-cache it reads, and whether its output equals this tree's bit for bit.
+Each reads the cache as this tree lays it out and must provide ``decode_step_cuda`` (one launch per
+step). Per shape and bit width: each step kernel alone (median of CUDA-event timings), the GB/s of
+cache it reads, and whether every output equals the first file's bit for bit.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def load_module(path: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("other", type=Path, help="another decode_cuda.py")
-    parser.add_argument("--other-arg", type=int, default=0, help="the other kernel's stages knob")
+    parser.add_argument("others", type=Path, nargs="+", help="other decode_cuda.py files")
+    parser.add_argument("--other-arg", type=int, default=0, help="the other kernels' stages knob")
     parser.add_argument("--this-args", default="0", help="this tree's kernel's stages knob(s), comma-separated")
     args = parser.parse_args(argv)
     arch = {"kind": "cuda", "arch": "sm_%d%d" % torch.cuda.get_device_capability()}
     target = tvm.target.Target(arch)
-    variants = {"other": (load_module(args.other), args.other_arg)}
+    variants = {path.stem: (load_module(path), args.other_arg) for path in args.others}
     for arg in map(int, args.this_args.split(",")):
         variants[f"this({arg})"] = (decode_cuda, arg)
     turbo = TurboAttention.build(arch, head_dims=(64, 128), dtypes=("float16",))
@@ -66,7 +66,8 @@ def main(argv=None):
                                               cache.sink_len, cache.length - cache.compressed_len))
                 outs[name] = out
                 line += f" | {name} {ms * 1000:.1f} us, {cache.nbytes() / ms / 1e6:.0f} GB/s"
-            same = all(torch.equal(outs["other"], out) for out in outs.values())
+            first = next(iter(outs.values()))
+            same = all(torch.equal(first, out) for out in outs.values())
             print(line + f" | outputs {'bitwise equal' if same else 'DIFFER'}", flush=True)
         del k, v
 
