@@ -18,7 +18,7 @@ from .compressed_kv import BULK_COPIED, GROUP_TENSOR_NAMES, CompressedKV, Packed
 from .kernel_set import KernelSetConfig
 from .kernels.decode_cuda import SPLIT_CTAS_PER_SM
 from .kernels.sas import NEG_BIG
-from .torch_stream import on_torch_stream, torch_stream
+from .torch_stream import on_torch_stream
 from .validation import (aligned, as_tensor, check_attention_inputs, check_head_dim, check_scale, check_tensor,
                          dtype_name)
 
@@ -37,7 +37,6 @@ class TurboAttention:
         self.device_type = "cuda" if kernels.target_kind == "cuda" else "cpu"
         self._decode_constants: dict = {}
         self._sm_count: dict = {}
-        self._side_streams: dict = {}  # (device, index): streams of concurrent decode launches
         self._workspaces: dict = {}  # decode scratch by (device, stream, thread, shape), least recently used first
 
     @classmethod
@@ -287,10 +286,9 @@ class TurboAttention:
         splits = max(1, min(tiles, ctas_per_head - 1 if ctas_per_head > 2 else ctas_per_head))
         return -(-tiles // -(-tiles // splits))  # only as many as get tiles (each takes ceil(tiles / splits))
 
-    def _group_splits(self, q, cache, groups, num_splits: int, group_size: int, together: bool = False) -> list:
-        """Splits of each group's launch: ``num_splits``, or (0) chosen for the group's query heads, or
-        with ``together`` (launches that run at once, sharing the GPU) for all of q's heads."""
-        return [num_splits or self._auto_splits(q, cache.packed_len, None if together else len(group.heads) * group_size)
+    def _group_splits(self, q, cache, groups, num_splits: int, group_size: int) -> list:
+        """Splits of each group's launch: ``num_splits``, or (0) chosen for the group's query heads."""
+        return [num_splits or self._auto_splits(q, cache.packed_len, len(group.heads) * group_size)
                 for group in groups]
 
     @on_torch_stream
@@ -349,38 +347,18 @@ class TurboAttention:
         """CUDA: one step kernel per bit width group (a cache with no packed tokens: one over a
         stand-in group), each attending to its heads' packed splits and INT8 regions and merging them.
 
-        A head's slots are [0, splits) for its splits, then one for its INT8 tokens (sink and open
-        block). The groups touch disjoint heads, so with several (mixed bit widths) each launches on its
-        own stream, forked from torch's and joined back, and together they fill the GPU: one after
-        another, each had to fill it alone, with a few heads cut into short splits (B=1 L=32K, a 2-bit
-        quarter of the heads: its 8 heads in 128 splits of 4 tiles)."""
+        Each launch picks its own splits (a group of few heads takes more, to fill the GPU); a head's
+        slots are [0, splits) for its splits, then one for its INT8 tokens (sink and open block)."""
         b, _, _, d = q.shape
         groups = cache.groups or [self._no_packed_group(q.device, b, cache.num_kv_heads, d)]
-        group_splits = self._group_splits(q, cache, groups, num_splits, group_size, together=True)
+        group_splits = self._group_splits(q, cache, groups, num_splits, group_size)
         _, o_part, m_part, l_part, counters = self._decode_workspace(q, max(group_splits) + 1)
         out = torch.empty_like(q)
-        main = torch.cuda.current_stream(q.device)
-        for i, (group, splits) in enumerate(zip(groups, group_splits)):
-            stream = main if i == 0 else self._side_stream(q.device, i)
-            if stream is not main:
-                stream.wait_stream(main)
-            with torch.cuda.stream(stream), torch_stream(q.device):
-                self.kernels[names.decode_step_name(d, group.bits, dtype)](
-                    q, cache.k_factor, group.heads, *group.tensors(), *regions[0][0], *regions[1][0], o_part,
-                    m_part, l_part, counters, out, scale, group_size, splits, cache.packed_len, regions[0][1],
-                    regions[1][1])
-            if stream is not main:
-                # the scratch and out are torch's on the main stream: it waits before anything reuses them
-                main.wait_stream(stream)
+        for group, splits in zip(groups, group_splits):
+            self.kernels[names.decode_step_name(d, group.bits, dtype)](
+                q, cache.k_factor, group.heads, *group.tensors(), *regions[0][0], *regions[1][0], o_part, m_part,
+                l_part, counters, out, scale, group_size, splits, cache.packed_len, regions[0][1], regions[1][1])
         return out
-
-    def _side_stream(self, device, index: int):
-        """The index-th extra stream of ``device`` for concurrent group launches (made once, kept)."""
-        key = (device, index)
-        stream = self._side_streams.get(key)
-        if stream is None:
-            stream = self._side_streams[key] = torch.cuda.Stream(device)
-        return stream
 
     def _decode_generic(self, q, cache, dtype, scale, num_splits, group_size, regions):
         """LLVM: q's quantization, each INT8 region as a one-split group, the packed groups' splits,
