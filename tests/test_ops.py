@@ -77,6 +77,37 @@ def test_decode_op_over_compressed_kv(cpu_ops_runtime, rng):
     assert cosine(out, ref.turbo_decode(q.numpy(), ref.build_cache(k.numpy(), v.numpy(), bits))) >= SAME_ALGORITHM
 
 
+def test_decode_plain_eager_calls_skip_the_op(cpu_ops_runtime, rng, monkeypatch):
+    """A plain eager call goes to the runtime directly (the op's dispatch cost ~40 us of host time, more than a
+    short step's kernels); under autograd or a dispatch mode the op runs, so torch sees it: same numbers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import turbotvm.ops as ops
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = tensors(*random_qkv(rng, 1, 4, 2, 1, 150, 64))
+    cache = TurboKVCache(head_bits=[4, 2])
+    cache.append(k, v)
+    expected = cpu_ops_runtime.decode(q, cache)
+    op_calls = []
+    real_op = ops.turbo_decode_op
+    monkeypatch.setattr(ops, "turbo_decode_op", lambda *args: op_calls.append(1) or real_op(*args))
+    assert torch.equal(turbo_decode(q, cache), expected) and op_calls == []
+    with SeenOps() as seen:
+        out = turbo_decode(q, cache)
+    assert op_calls == [1] and "turbotvm.turbo_decode.default" in seen.names
+    assert torch.equal(out, expected)
+    assert torch.equal(turbo_decode(q.clone().requires_grad_(), cache), expected) and op_calls == [1, 1]
+
+
 def test_decode_op_torch_compile_fullgraph(cpu_ops_runtime, rng):
     _, k, v = tensors(*random_qkv(rng, 1, 4, 2, 1, 150, 64))
     cache = TurboKVCache(head_bits=[4, 2])

@@ -27,6 +27,9 @@ from .validation import (aligned, as_tensor, check_attention_inputs, check_head_
 DEFAULT_DECODE_SPLITS = 0
 CPU_DECODE_SPLITS = 4
 DECODE_WORKSPACES = 8  # decode scratch sets kept per TurboAttention (one per recent shape/stream/thread)
+#: a cache's INT8 tensors: the open block and the sink block
+INT8_REGION_NAMES = ("buffer_k", "buffer_k_scale", "buffer_v", "buffer_v_scale", "sink_k", "sink_k_scale", "sink_v",
+                     "sink_v_scale")
 
 
 class TurboAttention:
@@ -309,6 +312,10 @@ class TurboAttention:
         for name, held in (("k_mean", cache.k_mean), ("k_factor", cache.k_factor)):
             if held.device != q.device:
                 raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {name} on {held.device}")
+        for name in INT8_REGION_NAMES:
+            held = getattr(cache, name)
+            if held is not None and held.device != q.device:
+                raise ValueError(f"{name}: expected a tensor on {q.device} (same as q), got {held.device}")
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
         sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read

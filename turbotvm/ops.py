@@ -90,8 +90,27 @@ def _turbo_decode_fake(q, k_mean, k_factor, packed, group_bits, head_bits, buffe
 
 
 def turbo_decode(q: Tensor, cache, scale: Optional[float] = None, num_splits: int = DEFAULT_DECODE_SPLITS) -> Tensor:
-    """Attention of one query token q [B, H, 1, D] over ``cache`` (a TurboKVCache or CompressedKV)."""
+    """Attention of one query token q [B, H, 1, D] over ``cache`` (a TurboKVCache or CompressedKV).
+
+    Called plainly (no torch.compile, tracing, mode, transform or autograd around it) it goes to the runtime
+    directly, with the same checks: the op's dispatch and the cache's round trip through op arguments cost
+    ~40 us of host time per call (measured on a 2-core CPU with no-op kernels), more than a short step's kernels.
+    Anything that must see the op (torch.compile, torch.export, fake tensors, ...) gets it."""
+    if _plain_eager_call(q):
+        _check_cache(cache)
+        return runtime_for(q.device).decode(q, cache, scale=scale, num_splits=num_splits)
     return turbo_decode_op(q, *cache_as_op_args(cache), scale, num_splits)
+
+
+def _plain_eager_call(q) -> bool:
+    """True when no torch machinery would record or transform the call (then the op adds only overhead)."""
+    try:
+        return (type(q) is Tensor and q.device.type in ("cpu", "cuda") and not q.requires_grad
+                and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
+                and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+                and not torch._C._are_functorch_transforms_active())
+    except AttributeError:  # a torch without one of these queries: always the op
+        return False
 
 
 def cache_as_op_args(cache) -> tuple:
@@ -103,16 +122,20 @@ def cache_as_op_args(cache) -> tuple:
     more (a growing cache's spare capacity): the kernels read ``compressed_len - 64`` of them. The sink
     tensors (the INT8 block 0) are present iff compressed_len > 0.
     """
-    if not isinstance(cache, (TurboKVCache, CompressedKV)):
-        raise TypeError(f"cache: expected a TurboKVCache or CompressedKV, got {type(cache).__name__}")
-    if cache.k_mean is None:
-        raise ValueError("cache: expected at least one appended token, got an empty TurboKVCache")
+    _check_cache(cache)
     packed = [t for group in cache.groups for t in (group.heads, *group.tensors())]
     return (cache.k_mean, cache.k_factor, packed, [int(g.bits) for g in cache.groups],
             [int(b) for b in cache.head_bits],
             cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale,
             cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
             cache.length, cache.compressed_len)
+
+
+def _check_cache(cache) -> None:
+    if not isinstance(cache, (TurboKVCache, CompressedKV)):
+        raise TypeError(f"cache: expected a TurboKVCache or CompressedKV, got {type(cache).__name__}")
+    if cache.k_mean is None:
+        raise ValueError("cache: expected at least one appended token, got an empty TurboKVCache")
 
 
 class _GroupTensors:
