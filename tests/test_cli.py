@@ -51,3 +51,17 @@ def test_bench_times_variants_in_alternating_rounds():
     times = interleaved_ms({"sdpa": measure("sdpa", 100.0), "ours": measure("ours", 100.0)}, rounds=5)
     assert order == ["sdpa", "ours"] * 5
     assert times == {"sdpa": 104.0, "ours": 105.0}  # medians of 100, 102, ..., 108 and 101, 103, ..., 109
+
+
+def test_demo_benchmark_arguments_come_from_the_benchmark_parser(tmp_path):
+    """On a GPU the demo runs the benchmark with the repository's tuning log for the GPU's arch. Its options
+    come from the benchmark's own parser: a hand-made Namespace once lacked ``tuning_log`` and failed on
+    every GPU, where CI cannot see it."""
+    from turbotvm.demo import bench_args, shipped_tuning_log
+
+    log = shipped_tuning_log("sm_90")
+    assert log is not None and log.name == "sm_90" and (log / "database_workload.json.xz").is_file()
+    assert shipped_tuning_log("sm_0") is None
+    args = bench_args(tmp_path, True, log)
+    assert (args.quick, args.out, args.tuning_log, args.skip_decode) == (True, str(tmp_path / "bench"), str(log), False)
+    assert bench_args(tmp_path, False, None).tuning_log is None

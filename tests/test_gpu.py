@@ -214,3 +214,22 @@ def test_channel_smoothing_cuda_matches_reference(turbo_cuda, rng, dtype, n, d):
     np.testing.assert_allclose(mean.cpu().numpy(), expected_mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(factor.cpu().numpy(), expected_factor, rtol=1e-5, atol=1e-5)
     assert np.all(factor[:, :, 5].cpu().numpy() == 1)
+
+
+def test_demo_gpu_part_builds_checks_and_benchmarks(tmp_path):
+    """`turbotvm demo`'s GPU half (README's first command on a GPU): the CUDA build, tuned by the shipped log
+    for this GPU's arch, checked against the reference, then the quick benchmark's JSON and plot."""
+    import json
+
+    from rich.console import Console
+
+    from turbotvm.demo import _gpu_part, shipped_tuning_log
+    from turbotvm.runtimes import default_target
+
+    _gpu_part(Console(), tmp_path, quick=True)
+    (result,) = (tmp_path / "bench").glob("attention_*.json")
+    data = json.loads(result.read_text())
+    log = shipped_tuning_log(default_target("cuda")["arch"])
+    assert data["tuning_log"] == (str(log) if log else None)
+    assert len(data["prefill"]) == 3 and len(data["decode"]) == 2 and result.with_suffix(".png").is_file()
+    assert all(row["cos_vs_sdpa"] >= 0.999 for row in data["prefill"])

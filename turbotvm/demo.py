@@ -76,17 +76,39 @@ def run_demo(console, out_dir: Path, quick: bool = False) -> int:
     return 0
 
 
-def _gpu_part(console, out_dir: Path, quick: bool) -> None:
-    """On a GPU: the CUDA build (cached) checked against the reference, then turbotvm vs SDPA side by side."""
-    from argparse import Namespace
+def shipped_tuning_log(arch: str) -> Path | None:
+    """The repository's tuning log for a CUDA arch (``tuning_logs/sm_90``), where the package runs from a
+    checkout (``pip install -e .``); None elsewhere or for an arch with none."""
+    log = Path(__file__).resolve().parents[1] / "tuning_logs" / arch
+    return log if (log / "database_tuning_record.json").is_file() else None
 
+
+def bench_args(out_dir: Path, quick: bool, tuning_log: Path | None):
+    """The benchmark's options as its own parser fills them (a hand-made Namespace missed one it reads)."""
+    import argparse
+
+    from .bench import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--out", str(out_dir / "bench")] + ["--quick"] * quick
+    return parser.parse_args(argv + (["--tuning-log", str(tuning_log)] if tuning_log else []))
+
+
+def _gpu_part(console, out_dir: Path, quick: bool) -> None:
+    """On a GPU: the CUDA build (cached; tuned by the shipped log for its arch, if any) checked against the
+    reference, then turbotvm vs SDPA side by side."""
     from .bench import run
 
     rng = np.random.default_rng(1)
-    turbo = TurboAttention.cached(default_target("cuda"), head_dims=(64, 128), dtypes=("float16",), progress=True)
+    target = default_target("cuda")
+    tuning_log = shipped_tuning_log(target["arch"])
+    console.print(f"CUDA build for {target['arch']}, tuning log: {tuning_log or 'none (hand schedules)'}")
+    turbo = TurboAttention.cached(target, head_dims=(64, 128), dtypes=("float16",), progress=True,
+                                  tuning_log=tuning_log)
     q, k, v = realistic_qkv(rng, batch=1, heads=8, kv_heads=2, q_len=777, kv_len=777, head_dim=128)
     out = turbo.prefill(*(torch.from_numpy(x).to("cuda", torch.float16) for x in (q, k, v)), causal=True)
     q, k, v = (torch.from_numpy(x).half().double().numpy() for x in (q, k, v))
     console.print(f"CUDA tensor-core prefill vs float64 reference: cos "
                   f"{cosine(out.float().cpu().numpy(), ref.turbo_prefill(q, k, v, True)):.6f}")
-    run(Namespace(quick=quick, out=str(out_dir / "bench"), skip_decode=False))
+    run(bench_args(out_dir, quick, tuning_log))
