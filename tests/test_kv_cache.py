@@ -205,6 +205,27 @@ def test_strided_and_bfloat16_appends(cpu_ops_runtime, rng):
     check_decode(kv, rng, 4)
 
 
+def test_cache_keeps_no_alias_of_the_callers_tensors(cpu_ops_runtime, rng):
+    """Appends that close no block keep their new open block without copies, but never the caller's own
+    k / v: overwriting them after append (as a model reuses its projection buffers) changes nothing."""
+    cache = TurboKVCache(head_bits=[4, 2])
+    kv = Appender(cache, rng, 2, 2, 64)
+    for tokens in (30, 1, 1, 32):  # opens a block, grows it, closes it at exactly 64: no open block left
+        kv.append(tokens)
+        held = [t for t in (cache._open_k, cache._open_v) if t is not None]
+        assert all(t.untyped_storage().data_ptr() not in (kv.k[-1].untyped_storage().data_ptr(),
+                                                          kv.v[-1].untyped_storage().data_ptr()) for t in held)
+    assert cache._open_k is None
+    k_new = torch.randn(2, 2, 1, 64)  # opens the next block: k_open would be k_new itself
+    v_new = torch.randn(2, 2, 1, 64)
+    cache.append(k_new, v_new)
+    kv.k.append(k_new.clone())
+    kv.v.append(v_new.clone())
+    k_new.fill_(1e4)  # after the append: the cache must not see it
+    v_new.fill_(-1e4)
+    check_decode(kv, rng, 4)
+
+
 def test_append_bad_inputs(cpu_ops_runtime):
     k = torch.randn(1, 2, 10, 64)
     with pytest.raises(ValueError, match=r"head_bits, share_2bit: expected at most one"):

@@ -149,7 +149,13 @@ class TurboKVCache(SinkLayout):
                 v8[:, :, first * QUANT_BLOCK:closed].contiguous(), v_scale[:, :, first:blocks].contiguous(),
                 self.head_bits)
             self._store(new_groups, closed - first * QUANT_BLOCK)
-        if closed < k_open.shape[2]:
+        if closed == 0:
+            # no block closed (63 appends in 64): the open block is these new tensors whole, no copies,
+            # except where k_open is the caller's own tensor (k.contiguous() of a contiguous k)
+            self._open_k = _compact(k) if k_open is k else k_open
+            self._open_v = _compact(v) if v_open is v else v_open
+            self.buffer_k, self.buffer_v, self.buffer_k_scale, self.buffer_v_scale = k8, v8, k_scale, v_scale
+        elif closed < k_open.shape[2]:
             # copies, not views: with B * H_kv == 1 a slice is contiguous already, and a view would keep
             # the caller's tensor (or the INT8 codes of the whole prompt) alive
             self._open_k, self._open_v = _compact(k_open[:, :, closed:]), _compact(v_open[:, :, closed:])
