@@ -19,8 +19,8 @@ from .kernel_set import KernelSetConfig
 from .kernels.decode_cuda import SPLIT_CTAS_PER_SM
 from .kernels.sas import NEG_BIG
 from .torch_stream import on_torch_stream
-from .validation import (aligned, as_tensor, check_attention_inputs, check_head_dim, check_scale, check_tensor,
-                         dtype_name)
+from .validation import (aligned, as_tensor, check_attention_inputs, check_head_dim, check_same_device,
+                         check_scale, check_tensor, dtype_name)
 
 #: 0 = choose: 4 on the CPU; on a GPU as many splits as fit one wave of 8 CTAs per SM (decode is
 #: bandwidth-bound; a second, partial wave leaves SMs idle at its end).
@@ -312,10 +312,7 @@ class TurboAttention:
         for name, held in (("k_mean", cache.k_mean), ("k_factor", cache.k_factor)):
             if held.device != q.device:
                 raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {name} on {held.device}")
-        for name in INT8_REGION_NAMES:
-            held = getattr(cache, name)
-            if held is not None and held.device != q.device:
-                raise ValueError(f"{name}: expected a tensor on {q.device} (same as q), got {held.device}")
+        check_same_device(q, **{name: getattr(cache, name) for name in INT8_REGION_NAMES})
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
         sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read

@@ -23,24 +23,19 @@ from .compressed_kv import CompressedKV
 from .kernel_set import SUPPORTED_DTYPES, KernelSetConfig
 from .kv_cache import TurboKVCache
 from .runtimes import runtime_for
-from .validation import check_attention_inputs, check_head_dim, check_scale, check_tensor, dtype_name
+from .validation import (check_attention_inputs, check_head_dim, check_same_device, check_scale, check_tensor,
+                         dtype_name)
 
 #: What the fake implementations check against: any head dim and dtype some build can have. The
 #: real implementations check again against the build that runs.
 _ANY_BUILD = KernelSetConfig(SUPPORTED_HEAD_DIMS, SUPPORTED_DTYPES)
 
 
-def _check_same_device(q: Tensor, **tensors) -> None:
-    for name, x in tensors.items():
-        if x is not None and x.device != q.device:
-            raise ValueError(f"{name}: expected a tensor on {q.device} (same as q), got {x.device}")
-
-
 # ---------------------------------------------------------------------------------------- prefill
 
 
 def _check_prefill(q, k, v, scale):
-    _check_same_device(q, k=k, v=v)
+    check_same_device(q, k=k, v=v)
     check_attention_inputs(q, k, v, _ANY_BUILD, q.device.type)
     check_scale(scale, q.shape[3])
 
@@ -158,7 +153,7 @@ def _cache_from_op_args(q, k_mean, k_factor, packed, group_bits, head_bits, buff
     check_scale(scale, q.shape[3])
     buffers = {"buffer_k": buffer_k, "buffer_k_scale": buffer_k_scale, "buffer_v": buffer_v, "buffer_v_scale": buffer_v_scale}
     sinks = {"sink_k": sink_k, "sink_k_scale": sink_k_scale, "sink_v": sink_v, "sink_v_scale": sink_v_scale}
-    _check_same_device(q, k_mean=k_mean, k_factor=k_factor, **buffers, **sinks,
+    check_same_device(q, k_mean=k_mean, k_factor=k_factor, **buffers, **sinks,
                        **{f"packed[{i}]": t for i, t in enumerate(packed)})
     if q.shape[2] != 1:
         raise ValueError(f"q: expected one token per sequence for decode ([B, H, 1, D]), got shape {tuple(q.shape)}")

@@ -49,6 +49,13 @@ def check_tensor(name: str, x: torch.Tensor, rank: int, device_type: str) -> Non
         raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous()), got strides {x.stride()}")
 
 
+def check_same_device(q: torch.Tensor, **tensors) -> None:
+    """Each named tensor (None: absent) on q's device."""
+    for name, x in tensors.items():
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{name}: expected a tensor on {q.device} (same as q), got {x.device}")
+
+
 def check_attention_inputs(q, k, v, config: KernelSetConfig, device_type: str):
     """Checks q [B,H,N,D], k/v [B,H_kv,M,D]; returns (q, k, v, dtype name)."""
     q, k, v = as_tensor("q", q), as_tensor("k", k), as_tensor("v", v)
