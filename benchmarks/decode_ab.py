@@ -18,6 +18,7 @@ import torch
 import tvm
 
 from turbotvm import TurboAttention
+from turbotvm.attention import step_kernel_args
 from turbotvm.bench import median_ms
 from turbotvm.kernels import decode_cuda
 
@@ -52,18 +53,15 @@ def main(argv=None):
         for bits in (4, 2):
             cache = turbo.compress_kv(k, v, [bits] * h)
             splits = turbo._auto_splits(q, cache.packed_len)
-            _, o_part, m_part, l_part, counters = turbo._decode_workspace(q, splits + 1)
-            regions = (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
-                       cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale)
+            workspace = turbo._decode_workspace(q, splits + 1)
             group = cache.groups[0]
             line, outs = f"B{b} H{h} L{length + 17} D{d} {bits}-bit, {splits} splits:", {}
             for name, (module, arg) in variants.items():
                 func = module.decode_step_cuda(d, bits, "float16", arg).with_attr("global_symbol", "step")
                 kernel = tvm.compile(tvm.IRModule({"step": func}), target=target)["step"]
                 out = torch.empty_like(q)
-                ms = median_ms(lambda: kernel(q, cache.k_factor, group.heads, *group.tensors(), *regions, o_part,
-                                              m_part, l_part, counters, out, d**-0.5, 1, splits, cache.packed_len,
-                                              cache.sink_len, cache.length - cache.compressed_len))
+                args = step_kernel_args(q, cache, group, cache.int8_regions(), workspace, out, d**-0.5, 1, splits)
+                ms = median_ms(lambda: kernel(*args))
                 outs[name] = out
                 line += f" | {name} {ms * 1000:.1f} us, {cache.nbytes() / ms / 1e6:.0f} GB/s"
             first = next(iter(outs.values()))

@@ -21,6 +21,7 @@ import torch
 
 from turbotvm import TurboAttention, turbo_decode
 from turbotvm import ops
+from turbotvm.attention import step_kernel_args
 
 D = 128
 
@@ -94,14 +95,11 @@ def main(argv=None):
         from turbotvm.torch_stream import torch_stream
 
         group = cache.groups[0]
-        regions = (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale, cache.buffer_k,
-                   cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale)
         splits = turbo._auto_splits(q, cache.packed_len)
-        _, o_part, m_part, l_part, counters = turbo._decode_workspace(q, splits + 1)
         out = torch.empty_like(q)
         kernel = turbo.kernels[f"decode_step_b4_d{D}_float16"]
-        kernel_args = (q, cache.k_factor, group.heads, *group.tensors(), *regions, o_part, m_part, l_part, counters,
-                       out, D**-0.5, 1, splits, cache.packed_len, cache.sink_len, cache.length - cache.compressed_len)
+        kernel_args = step_kernel_args(q, cache, group, cache.int8_regions(), turbo._decode_workspace(q, splits + 1),
+                                       out, D**-0.5, 1, splits)
         print(f"{'step kernel call alone':28s} {per_call_us(lambda: kernel(*kernel_args)):7.1f} us/call")
         sync()
 

@@ -334,3 +334,36 @@ def test_cpu_prefill_integer_products_are_vectorized():
     schedule_cpu(sch, "prefill", None)
     ir = tvm.compile(sch.mod, target=make_target("llvm")).mod.inspect_source("ll")
     assert re.search(r"= mul (nsw |nuw )*<\d+ x i32>", ir), "no vector int32 multiply: the INT8 products are scalar"
+
+
+@pytest.mark.parametrize("length", [40, 64, 1000, 1024])  # open block only, sink only, both, sink + packed
+def test_step_kernel_args_follow_the_kernel_parameters(turbo_cpu, rng, length):
+    """The CUDA step kernel's arguments (built on the CPU, matched by parameter name): a wrong order would
+    only show on a GPU, and an absent INT8 region is the other region's tensors with 0 tokens."""
+    from turbotvm.attention import step_kernel_args
+    from turbotvm.kernels.decode_cuda import decode_step_cuda
+
+    q, k, v = random_qkv(rng, 1, 4, 2, 1, length, 64)
+    cache = turbo_cpu.compress_kv(k, v, [4, 4])
+    q = torch.from_numpy(q)
+    group = cache.groups[0] if cache.groups else turbo_cpu._no_packed_group(q.device, 1, 2, 64)
+    workspace = turbo_cpu._decode_workspace(q, 3)
+    out = torch.empty_like(q)
+    args = step_kernel_args(q, cache, group, cache.int8_regions(), workspace, out, 0.125, 2, 2)
+    sink_len, open_len = min(length // 64, 1) * 64, length % 64
+    sink = [cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale]
+    open_block = [cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale]
+    present_sink, present_open = (sink if sink_len else open_block), (open_block if open_len else sink)
+    expected = {"q": q, "k_factor": cache.k_factor, "heads": group.heads, "o_part": workspace[1],
+                "m_part": workspace[2], "l_part": workspace[3], "counters": workspace[4], "out": out,
+                "sm_scale": 0.125, "group_size": 2, "num_splits": 2, "length": cache.packed_len,
+                "sink_len": sink_len, "open_len": open_len}
+    for i, name in enumerate(("k", "k_scale", "v", "v_scale")):
+        expected[f"sink_{name}"], expected[f"open_{name}"] = present_sink[i], present_open[i]
+    for name in ("k_codes", "k_step", "k_zero", "k_scale", "v_codes", "v_step", "v_zero", "v_scale"):
+        expected[name] = getattr(group, name)
+    params = [p.name for p in decode_step_cuda(64, 4, "float16").params]
+    assert len(args) == len(params) == len(expected)
+    for name, arg in zip(params, args):
+        assert arg is expected[name] or (not torch.is_tensor(arg) and arg == expected[name]), name
+    assert (cache.packed_len, sink_len + open_len) == (max(length // 64 - 1, 0) * 64, length - cache.packed_len)

@@ -32,6 +32,17 @@ INT8_REGION_NAMES = ("buffer_k", "buffer_k_scale", "buffer_v", "buffer_v_scale",
                      "sink_v_scale")
 
 
+def step_kernel_args(q, cache: CompressedKV, group: PackedGroup, regions, workspace, out, scale: float,
+                     group_size: int, splits: int) -> tuple:
+    """A CUDA decode step kernel's arguments in its parameter order (``kernels/decode_cuda.py``).
+
+    regions: ``cache.int8_regions()``; workspace: ``TurboAttention._decode_workspace``'s tuple."""
+    (sink, sink_len), (open_block, open_len) = regions
+    _, o_part, m_part, l_part, counters = workspace
+    return (q, cache.k_factor, group.heads, *group.tensors(), *sink, *open_block, o_part, m_part, l_part, counters,
+            out, scale, group_size, splits, cache.packed_len, sink_len, open_len)
+
+
 class TurboAttention:
     """Prefill and decode with one compiled kernel set (built here or loaded from an export)."""
 
@@ -315,7 +326,7 @@ class TurboAttention:
         check_same_device(q, **{name: getattr(cache, name) for name in INT8_REGION_NAMES})
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
-        sink_len, packed_len = cache.sink_len, cache.packed_len  # packed: tokens the group kernels read
+        packed_len = cache.packed_len  # tokens the group kernels read
         if cache.sink_k is None and cache.buffer_k is None:
             raise ValueError("cache: expected at least one token (neither a sink block nor an open block)")
         for group in cache.groups:  # what decode reads of a group (the torch op passes a stand-in)
@@ -336,11 +347,7 @@ class TurboAttention:
         scale = check_scale(scale, d)
         q = aligned(q)
         group_size = h // cache.num_kv_heads
-        # the INT8 regions (sink, open block); an absent one is read as 0 tokens of the other's tensors
-        sink = (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale)
-        open_block = (cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale)
-        regions = ((sink if sink[0] is not None else open_block, sink_len),
-                   (open_block if open_block[0] is not None else sink, cache.length - cache.compressed_len))
+        regions = cache.int8_regions()
         if self.device_type == "cuda":
             out = self._decode_steps(q, cache, dtype, scale, int(num_splits), group_size, regions)
         else:
@@ -356,12 +363,11 @@ class TurboAttention:
         b, _, _, d = q.shape
         groups = cache.groups or [self._no_packed_group(q.device, b, cache.num_kv_heads, d)]
         group_splits = self._group_splits(q, cache, groups, num_splits, group_size)
-        _, o_part, m_part, l_part, counters = self._decode_workspace(q, max(group_splits) + 1)
+        workspace = self._decode_workspace(q, max(group_splits) + 1)
         out = torch.empty_like(q)
         for group, splits in zip(groups, group_splits):
             self.kernels[names.decode_step_name(d, group.bits, dtype)](
-                q, cache.k_factor, group.heads, *group.tensors(), *regions[0][0], *regions[1][0], o_part, m_part,
-                l_part, counters, out, scale, group_size, splits, cache.packed_len, regions[0][1], regions[1][1])
+                *step_kernel_args(q, cache, group, regions, workspace, out, scale, group_size, splits))
         return out
 
     def _decode_generic(self, q, cache, dtype, scale, num_splits, group_size, regions):

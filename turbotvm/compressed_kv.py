@@ -91,6 +91,14 @@ class CompressedKV(SinkLayout):
                                 self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def int8_regions(self) -> tuple:
+        """((sink tensors, tokens), (open block tensors, tokens)): the INT8 regions a decode reads, each
+        (k, k_scale, v, v_scale). Kernels take both; an absent one is the other's tensors with 0 tokens."""
+        sink = (self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale)
+        open_block = (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale)
+        return ((sink if sink[0] is not None else open_block, self.sink_len),
+                (open_block if open_block[0] is not None else sink, self.length - self.compressed_len))
+
     def fp16_nbytes(self) -> int:
         """Bytes the same K and V take in fp16, for the compression ratio."""
         return 2 * 2 * self.k_mean.shape[0] * self.num_kv_heads * self.length * self.head_dim
