@@ -49,7 +49,8 @@ BULK_COPIED = ("k_codes", "k_step", "k_zero", "v_codes", "v_step", "v_zero")
 
 
 class SinkLayout:
-    """Token ranges of a cache with an INT8 sink block (``sink_k``) before its packed groups."""
+    """Token ranges of a cache with an INT8 sink block (``sink_k``) before its packed groups, and its
+    INT8 regions (``CompressedKV`` and ``TurboKVCache`` alike)."""
 
     @property
     def sink_len(self) -> int:
@@ -60,6 +61,14 @@ class SinkLayout:
     def packed_len(self) -> int:
         """Tokens in the 4/2-bit groups: [sink_len, compressed_len)."""
         return self.compressed_len - self.sink_len
+
+    def int8_regions(self) -> tuple:
+        """((sink tensors, tokens), (open block tensors, tokens)): the INT8 regions a decode reads, each
+        (k, k_scale, v, v_scale). Kernels take both; an absent one is the other's tensors with 0 tokens."""
+        sink = (self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale)
+        open_block = (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale)
+        return ((sink if sink[0] is not None else open_block, self.sink_len),
+                (open_block if open_block[0] is not None else sink, self.length - self.compressed_len))
 
 
 @dataclass
@@ -90,14 +99,6 @@ class CompressedKV(SinkLayout):
         tensors += [t for t in (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale,
                                 self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def int8_regions(self) -> tuple:
-        """((sink tensors, tokens), (open block tensors, tokens)): the INT8 regions a decode reads, each
-        (k, k_scale, v, v_scale). Kernels take both; an absent one is the other's tensors with 0 tokens."""
-        sink = (self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale)
-        open_block = (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale)
-        return ((sink if sink[0] is not None else open_block, self.sink_len),
-                (open_block if open_block[0] is not None else sink, self.length - self.compressed_len))
 
     def fp16_nbytes(self) -> int:
         """Bytes the same K and V take in fp16, for the compression ratio."""
