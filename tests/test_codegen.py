@@ -24,9 +24,11 @@ def test_cuda_source_has_every_kernel(cuda_source):
     _, source = cuda_source
     for name in ("prefill_tc_causal_d128_float16", "prefill_tc_full_d64_float16", "quantize_vt_float16_d128",
                  "quantize_rows_smoothed_float16_d64", "decode_step_b4_d128_float16",
-                 "decode_step_b2_d64_float16", "compress_v_b2", "quantize_smoothed_float16",
-                 "channel_smoothing_float16"):
+                 "decode_step_b2_d64_float16", "compress_v_b2", "quantize_rows_float16_d128",
+                 "quantize_rows_balanced_float16_d64", "channel_smoothing_float16"):
         assert f"{name}_kernel" in source, name
+    # the generic quantize kernels (one thread per 64-token block under the SIMT rule) are CPU-only
+    assert "quantize_smoothed_float16_kernel" not in source and "quantize_float16_kernel" not in source
 
 
 def test_cuda_prefill_runs_on_int8_tensor_cores(cuda_source):

@@ -226,6 +226,19 @@ def test_bad_decode_cache_device(no_kernels, rng):
         turbo_decode(torch.randn(1, 4, 1, 64), cache)
 
 
+@pytest.mark.parametrize("name", ["k_mean", "k_factor"])
+def test_bad_decode_cache_smoothing_device(no_kernels, rng, name):
+    """The plain eager call (runtime) and the op name the same tensor in the same words."""
+    cache = int8_buffer_cache(rng)
+    setattr(cache, name, getattr(cache, name).to("meta"))
+    q = torch.randn(1, 4, 1, 64)
+    message = rf"{name}: expected a tensor on cpu \(same as q\), got meta"
+    with pytest.raises(ValueError, match=message):
+        turbo_decode(q, cache)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.turbotvm.turbo_decode(q, *cache_as_op_args(cache))
+
+
 def test_bad_decode_sink_args(no_kernels, rng):
     cache = int8_buffer_cache(rng)
     # (k_mean, k_factor, packed, group_bits, head_bits, buffer_* x4, sink_* x4, length, compressed_len)

@@ -51,6 +51,7 @@ class TurboAttention:
         self.device_type = "cuda" if kernels.target_kind == "cuda" else "cpu"
         self._decode_constants: dict = {}
         self._sm_count: dict = {}
+        self._head_id_tensors: dict = {}  # (device, heads) -> int32 tensor: a packed group's KV head ids
         self._workspaces: dict = {}  # decode scratch by (device, stream, thread, shape), least recently used first
 
     @classmethod
@@ -94,14 +95,18 @@ class TurboAttention:
         b, h, n, d = x.shape
         codes = self._empty(x, (b, h, n, d), torch.int8)
         scale = self._empty(x, (b, h, -(-n // QUANT_BLOCK)), torch.float32)
-        if smoothing is not None:
-            if not (isinstance(smoothing, tuple) and len(smoothing) == 2):
-                raise TypeError(f"smoothing: expected a (mean, factor) pair, got {type(smoothing).__name__}")
-            self.kernels[names.quantize_name(dtype, "smoothed")](x, *smoothing, codes, scale)
-        elif balance is not None:
-            self.kernels[names.quantize_name(dtype, "balanced")](x, balance, codes, scale)
+        if smoothing is not None and not (isinstance(smoothing, tuple) and len(smoothing) == 2):
+            raise TypeError(f"smoothing: expected a (mean, factor) pair, got {type(smoothing).__name__}")
+        mode, extra = (("smoothed", smoothing) if smoothing is not None else
+                       ("balanced", (balance,)) if balance is not None else ("plain", ()))
+        if self.device_type == "cuda":
+            # one CTA per 64-token block (the prefill's kernels): the generic kernel ran one thread per
+            # block, ~1 ms for a one-token cache append
+            check_head_dim("x", d, self.config)
+            kernel = self.kernels[names.quantize_rows_name(dtype, d, mode)]
         else:
-            self.kernels[names.quantize_name(dtype, "plain")](x, codes, scale)
+            kernel = self.kernels[names.quantize_name(dtype, mode)]
+        kernel(x, *extra, codes, scale)
         return codes, scale
 
     @on_torch_stream
@@ -207,10 +212,19 @@ class TurboAttention:
                 groups.append(self._compress_group(bits, heads, k8, k_scale, v8, v_scale))
         return groups
 
+    def _head_ids(self, heads: list, device) -> torch.Tensor:
+        """A group's KV head ids on the device, made once: a host-to-device copy from pageable memory
+        waits for the stream's queued work, which stalled every block-closing cache append."""
+        key = (device, tuple(heads))
+        ids = self._head_id_tensors.get(key)
+        if ids is None:
+            ids = self._head_id_tensors[key] = torch.tensor(heads, dtype=torch.int32, device=device)
+        return ids
+
     def _compress_group(self, bits, heads, k8, k_scale, v8, v_scale) -> PackedGroup:
         b, _, length, d = k8.shape
         hg, nblocks = len(heads), length // QUANT_BLOCK
-        head_ids = torch.tensor(heads, dtype=torch.int32, device=k8.device)
+        head_ids = self._head_ids(heads, k8.device)
         parts = []
         # K's code rows end with CACHE_K_OUTLIERS bytes for its kept channels; the kernels read the width
         for tensor, x8, scale, kept in (("k", k8, k_scale, CACHE_K_OUTLIERS), ("v", v8, v_scale, 0)):
@@ -320,10 +334,8 @@ class TurboAttention:
         if h % cache.num_kv_heads or b != cache.k_mean.shape[0]:
             raise ValueError(f"q: expected batch {cache.k_mean.shape[0]} and heads a multiple of "
                              f"{cache.num_kv_heads} (the cache's), got shape {tuple(q.shape)}")
-        for name, held in (("k_mean", cache.k_mean), ("k_factor", cache.k_factor)):
-            if held.device != q.device:
-                raise ValueError(f"cache: expected tensors on {q.device} (same as q), got {name} on {held.device}")
-        check_same_device(q, **{name: getattr(cache, name) for name in INT8_REGION_NAMES})
+        check_same_device(q, k_mean=cache.k_mean, k_factor=cache.k_factor,
+                          **{name: getattr(cache, name) for name in INT8_REGION_NAMES})
         if int(num_splits) < 0:
             raise ValueError(f"num_splits: expected a positive integer (or 0: choose), got {num_splits}")
         packed_len = cache.packed_len  # tokens the group kernels read

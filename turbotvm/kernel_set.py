@@ -126,11 +126,11 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm", arch: st
     funcs, hand_mapped = {}, {}
     copy_engine = decode_cuda.has_copy_engine(arch)
     for dtype in config.dtypes:
-        for mode in quantize.QUANTIZE_MODES:
-            funcs[quantize_name(dtype, mode)] = quantize.quantize_int8(dtype, mode)
-        if target_kind == "cuda":
+        if target_kind == "cuda":  # quantization: the hand-mapped quantize_rows kernels, per head dim below
             hand_mapped[channel_smoothing_name(dtype)] = quantize_cuda.channel_smoothing(dtype)
         else:
+            for mode in quantize.QUANTIZE_MODES:
+                funcs[quantize_name(dtype, mode)] = quantize.quantize_int8(dtype, mode)
             funcs[channel_smoothing_name(dtype)] = quantize.channel_smoothing(dtype)
     for bits in CACHE_BITS:
         for tensor in CODE_TENSORS:
