@@ -18,7 +18,7 @@ from .compressed_kv import BULK_COPIED, GROUP_TENSOR_NAMES, CompressedKV, Packed
 from .kernel_set import KernelSetConfig
 from .kernels.decode_cuda import SPLIT_CTAS_PER_SM
 from .kernels.sas import NEG_BIG
-from .torch_stream import on_torch_stream
+from .torch_stream import current_stream_handle, on_torch_stream
 from .validation import (aligned, as_tensor, check_attention_inputs, check_head_dim, check_same_device,
                          check_scale, check_tensor, dtype_name)
 
@@ -259,7 +259,7 @@ class TurboAttention:
 
         if self.device_type != "cuda":
             return (*partials(), None)
-        key = (q.device, torch.cuda.current_stream(q.device).cuda_stream, threading.get_ident(), b, h, d, slots)
+        key = (q.device, current_stream_handle(q.device), threading.get_ident(), b, h, d, slots)
         workspace = self._workspaces.pop(key, None)
         if workspace is None:
             if len(self._workspaces) >= DECODE_WORKSPACES:
