@@ -367,3 +367,38 @@ def test_step_kernel_args_follow_the_kernel_parameters(turbo_cpu, rng, length):
     for name, arg in zip(params, args):
         assert arg is expected[name] or (not torch.is_tensor(arg) and arg == expected[name]), name
     assert (cache.packed_len, sink_len + open_len) == (max(length // 64 - 1, 0) * 64, length - cache.packed_len)
+
+
+def test_batches_past_the_index_limit_are_split(turbo_cpu, rng, monkeypatch):
+    """The CUDA kernels index in int32: a call whose tensors would pass 2**31 elements runs batch slice by
+    batch slice, with the same result (here the CPU runtime with a small limit)."""
+    q, k, v = (torch.from_numpy(x) for x in random_qkv(rng, 5, 4, 2, 70, 130, 64))
+    whole = {"prefill": turbo_cpu.prefill(q, k, v, causal=True), "smoothing": turbo_cpu.smoothing(k, "float32")}
+    whole["quantize"] = turbo_cpu.quantize(k, "float32", whole["smoothing"])
+    whole["balanced"] = turbo_cpu.quantize(q, "float32", balance=whole["smoothing"][1])
+    cache = turbo_cpu.compress_kv(k, v, [4, 2])
+    whole["decode"] = turbo_cpu.decode(q[:, :, :1].contiguous(), cache)
+    monkeypatch.setattr(turbo_cpu, "index_limit", 2 * 4 * 130 * 64)  # 2-4 batch entries per call
+    slices, batch_chunks = [], turbo_cpu._batch_chunks
+    monkeypatch.setattr(turbo_cpu, "_batch_chunks", lambda *args: slices.append(batch_chunks(*args)) or slices[-1])
+    split = {"prefill": turbo_cpu.prefill(q, k, v, causal=True), "smoothing": turbo_cpu.smoothing(k, "float32")}
+    split["quantize"] = turbo_cpu.quantize(k, "float32", split["smoothing"])
+    split["balanced"] = turbo_cpu.quantize(q, "float32", balance=split["smoothing"][1])
+    for name, value in whole.items():
+        if name != "decode":
+            assert all(torch.equal(a, b) for a, b in zip(*(
+                (x,) if torch.is_tensor(x) else x for x in (value, split[name])))), name
+    split_cache = turbo_cpu.compress_kv(k, v, [4, 2])
+    # prefill (q, k, v: 3 slices), K's smoothing and quantization (2), Q's (2), each time
+    assert sorted({len(s) for s in slices if len(s) > 1}) == [2, 3]
+    assert all(torch.equal(a, b) for g, h in zip(cache.groups, split_cache.groups)
+               for a, b in zip(g.tensors(), h.tensors()))
+    widest = max(cache.groups, key=lambda g: g.k_codes.numel())  # a group tensor past the limit: refused
+    codes = widest.k_codes.numel()
+    monkeypatch.setattr(turbo_cpu, "index_limit", codes - 1)
+    with pytest.raises(ValueError, match=rf"cache: expected the {widest.bits}-bit group's k_codes to hold at most {codes - 1} "
+                                         rf"elements \(this build's kernels index in int32\), got {codes}"):
+        turbo_cpu.decode(q[:, :, :1].contiguous(), cache)
+    monkeypatch.setattr(turbo_cpu, "index_limit", 64 * 64)
+    with pytest.raises(ValueError, match=r"q: expected at most 4096 elements per batch entry"):
+        turbo_cpu.prefill(q, k, v)

@@ -19,8 +19,8 @@ from .kernel_set import KernelSetConfig
 from .kernels.decode_cuda import SPLIT_CTAS_PER_SM
 from .kernels.sas import NEG_BIG
 from .torch_stream import current_stream_handle, on_torch_stream
-from .validation import (aligned, as_tensor, check_attention_inputs, check_head_dim, check_same_device,
-                         check_scale, check_tensor, dtype_name)
+from .validation import (CUDA_INDEX_LIMIT, aligned, as_tensor, check_attention_inputs, check_head_dim,
+                         check_same_device, check_scale, check_tensor, dtype_name)
 
 #: 0 = choose: 4 on the CPU; on a GPU as many splits as fit one wave of 8 CTAs per SM (decode is
 #: bandwidth-bound; a second, partial wave leaves SMs idle at its end).
@@ -53,6 +53,8 @@ class TurboAttention:
         self._sm_count: dict = {}
         self._head_id_tensors: dict = {}  # (device, heads) -> int32 tensor: a packed group's KV head ids
         self._workspaces: dict = {}  # decode scratch by (device, stream, thread, shape), least recently used first
+        #: elements one kernel call may index in a tensor (None: no limit); more are split by batch entries
+        self.index_limit = CUDA_INDEX_LIMIT if self.device_type == "cuda" else None
 
     @classmethod
     def build(cls, target="llvm", head_dims=(64, 128), dtypes=("float32",), progress=False,
@@ -93,10 +95,15 @@ class TurboAttention:
         """
         x = aligned(as_tensor("x", x))
         b, h, n, d = x.shape
-        codes = self._empty(x, (b, h, n, d), torch.int8)
-        scale = self._empty(x, (b, h, -(-n // QUANT_BLOCK)), torch.float32)
         if smoothing is not None and not (isinstance(smoothing, tuple) and len(smoothing) == 2):
             raise TypeError(f"smoothing: expected a (mean, factor) pair, got {type(smoothing).__name__}")
+        chunks = self._batch_chunks("x", b, x[0].numel())
+        if len(chunks) > 1:  # every (batch, head) is quantized on its own: split the batch
+            parts = [self.quantize(x[c], dtype, None if smoothing is None else (smoothing[0][c], smoothing[1][c]),
+                                   None if balance is None else balance[c]) for c in chunks]
+            return torch.cat([codes for codes, _ in parts]), torch.cat([scale for _, scale in parts])
+        codes = self._empty(x, (b, h, n, d), torch.int8)
+        scale = self._empty(x, (b, h, -(-n // QUANT_BLOCK)), torch.float32)
         mode, extra = (("smoothed", smoothing) if smoothing is not None else
                        ("balanced", (balance,)) if balance is not None else ("plain", ()))
         if self.device_type == "cuda":
@@ -118,6 +125,10 @@ class TurboAttention:
         if dtype_name("k", k, self.config) != dtype:
             raise TypeError(f"k: expected dtype {dtype} (the dtype argument), got {k.dtype}")
         k = aligned(k)
+        chunks = self._batch_chunks("k", k.shape[0], k[0].numel())
+        if len(chunks) > 1:
+            parts = [self.smoothing(k[c], dtype) for c in chunks]
+            return torch.cat([mean for mean, _ in parts]), torch.cat([factor for _, factor in parts])
         mean = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
         factor = self._empty(k, (k.shape[0], k.shape[1], k.shape[3]), torch.float32)
         self.kernels[names.channel_smoothing_name(dtype)](k, mean, factor)
@@ -136,6 +147,13 @@ class TurboAttention:
         q, k, v, dtype = check_attention_inputs(q, k, v, self.config, self.device_type)
         q, k, v = aligned(q), aligned(k), aligned(v)
         scale = check_scale(scale, q.shape[3])
+        b, h, n, d = q.shape
+        hkv, m = k.shape[1], k.shape[2]
+        # an entry's largest tensor: q or the output, or V transposed and padded to whole blocks
+        chunks = self._batch_chunks("q", b, max(h * n * d, hkv * d * -(-m // QUANT_BLOCK) * QUANT_BLOCK))
+        if len(chunks) > 1:
+            out = torch.cat([self.prefill(q[c], k[c], v[c], causal, scale) for c in chunks])
+            return out.numpy() if was_numpy else out
         if self.device_type == "cuda":
             out = self._prefill_tensor_cores(q, k, v, bool(causal), scale, dtype)
             return out
@@ -211,6 +229,16 @@ class TurboAttention:
             if heads:
                 groups.append(self._compress_group(bits, heads, k8, k_scale, v8, v_scale))
         return groups
+
+    def _batch_chunks(self, name: str, batch: int, entry_elements: int) -> list:
+        """Slices of the batch whose tensors (``entry_elements`` per entry at most) one kernel call can index."""
+        if self.index_limit is None or batch * entry_elements <= self.index_limit:
+            return [slice(0, batch)]
+        if entry_elements > self.index_limit:
+            raise ValueError(f"{name}: expected at most {self.index_limit} elements per batch entry in a tensor "
+                             f"(this build's kernels index in int32), got {entry_elements}")
+        per = self.index_limit // entry_elements
+        return [slice(i, min(i + per, batch)) for i in range(0, batch, per)]
 
     def _head_ids(self, heads: list, device) -> torch.Tensor:
         """A group's KV head ids on the device, made once: a host-to-device copy from pageable memory
@@ -352,6 +380,10 @@ class TurboAttention:
                 elif tensor.shape[2] * QUANT_BLOCK < packed_len:  # per block
                     raise ValueError(f"cache: expected the {group.bits}-bit group's {name} for at least "
                                      f"{-(-packed_len // QUANT_BLOCK)} blocks, got {tensor.shape[2]}")
+                if self.index_limit is not None and tensor.numel() > self.index_limit:
+                    raise ValueError(f"cache: expected the {group.bits}-bit group's {name} to hold at most "
+                                     f"{self.index_limit} elements (this build's kernels index in int32), got "
+                                     f"{tensor.numel()}: split the batch over several caches")
                 if name in BULK_COPIED and tensor.data_ptr() % 16:  # the CUDA kernel's copy engine needs it
                     raise ValueError(f"cache: expected the {group.bits}-bit group's {name} at a 16-byte aligned "
                                      f"address, got {tensor.data_ptr():#x}")

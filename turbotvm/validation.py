@@ -24,6 +24,11 @@ def as_tensor(name: str, x) -> torch.Tensor:
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
+#: Elements a tensor may hold in one call of the hand-mapped CUDA kernels: they index in int32 (cheaper
+#: address arithmetic than the generic kernels' int64). Larger batches are split; larger single entries refused.
+CUDA_INDEX_LIMIT = 2**31
+
+
 def aligned(x: torch.Tensor) -> torch.Tensor:
     """x itself, or a copy when its data does not start DATA_ALIGNMENT-aligned: numpy aligns its arrays to
     16 bytes only, and a view can start anywhere in its storage (torch allocates 64-byte aligned on the
