@@ -1,4 +1,5 @@
-"""FlashQ stage 1 on CUDA, in the layouts the tensor-core prefill reads (same math as quantize.py).
+"""FlashQ stage 1 on CUDA: every quantization of a CUDA build (the prefill's, in the layouts its tensor-core
+kernel reads; the KV cache's), with the math of quantize.py.
 
 One CTA quantizes one 64-token block of one (batch, head): 128 threads read it coalesced, reduce
 |x'| (x' per mode, as in quantize.py) to the block's absmax (warp shuffles, then 4 warp results
