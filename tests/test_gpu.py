@@ -233,3 +233,38 @@ def test_demo_gpu_part_builds_checks_and_benchmarks(tmp_path):
     assert data["tuning_log"] == (str(log) if log else None)
     assert len(data["prefill"]) == 3 and len(data["decode"]) == 2 and result.with_suffix(".png").is_file()
     assert all(row["cos_vs_sdpa"] >= 0.999 for row in data["prefill"])
+
+
+def test_cuda_batches_past_the_index_limit_are_split(turbo_cuda, rng, monkeypatch):
+    """Prefill, K's smoothing and quantization run batch slice by batch slice where a tensor would pass the
+    int32 index range (here a small limit): the same bits as one call, the batch views' addresses included."""
+    q, k, v = (torch.from_numpy(x).cuda().half() for x in random_qkv(rng, 5, 4, 2, 70, 130, 64))
+    whole = (turbo_cuda.prefill(q, k, v, causal=True), *turbo_cuda.smoothing(k, "float16"))
+    whole_cache = turbo_cuda.compress_kv(k, v, [4, 2])
+    monkeypatch.setattr(turbo_cuda, "index_limit", 2 * 4 * 130 * 64)
+    split = (turbo_cuda.prefill(q, k, v, causal=True), *turbo_cuda.smoothing(k, "float16"))
+    split_cache = turbo_cuda.compress_kv(k, v, [4, 2])
+    assert all(torch.equal(a, b) for a, b in zip(whole, split))
+    assert all(torch.equal(a, b) for g, h in zip(whole_cache.groups, split_cache.groups)
+               for a, b in zip(g.tensors(), h.tensors()))
+    assert torch.equal(whole_cache.sink_k, split_cache.sink_k) and torch.equal(whole_cache.buffer_v, split_cache.buffer_v)
+
+
+def test_cuda_appends_equal_one_compression(turbo_cuda, rng):
+    """A cache grown token by token on the GPU holds the INT8 codes and scales of one quantization of all its
+    tokens (with the prompt's K smoothing): block 0 (the sink) and the open block, bit for bit."""
+    from turbotvm import TurboKVCache
+
+    _, k, v = (torch.from_numpy(x).cuda().half() for x in random_qkv(rng, 2, 4, 4, 1, 200, 128))
+    cache = TurboKVCache(head_bits=[4, 2, 4, 4], runtime=turbo_cuda)
+    cache.append(k[:, :, :100], v[:, :, :100])
+    for t in range(100, 200):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    torch.cuda.synchronize()
+    # K's smoothing is fixed by the first append (the prompt), so compress with it
+    once = turbo_cuda.compress_kv(k, v, [4, 2, 4, 4])
+    mean, factor = turbo_cuda.smoothing(k[:, :, :100].contiguous(), "float16")
+    k8, k_scale = turbo_cuda.quantize(k, "float16", (mean, factor))
+    assert torch.equal(cache.sink_k, k8[:, :, :64]) and torch.equal(cache.buffer_k, k8[:, :, 192:])
+    assert torch.equal(cache.buffer_k_scale, k_scale[:, :, 3:])
+    assert once.buffer_v.shape == cache.buffer_v.shape and torch.equal(once.buffer_v, cache.buffer_v)
