@@ -11,16 +11,14 @@ back to back without synchronizing (the host's share when the GPU keeps up). Wri
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from turbotvm import TurboAttention, TurboKVCache
-from turbotvm.bench import package_version
+from turbotvm import TurboKVCache
+from turbotvm.bench import finish_plot, package_version, result_stem, start_gpu_script
 
 SHAPES = [(1, 8, 4096 + 3, 128), (8, 8, 4096 + 3, 128)]
 APPENDS = 128
@@ -64,14 +62,7 @@ def time_appends(append, new) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("cache_append: needs a CUDA GPU")
-    gpu = torch.cuda.get_device_name()
-    turbo = TurboAttention.build({"kind": "cuda", "arch": "sm_%d%d" % torch.cuda.get_device_capability()},
-                                 head_dims=(128,), dtypes=("float16",))
+    args, gpu, turbo = start_gpu_script("cache_append", __doc__, argv, head_dims=(128,))
     rows = []
     for b, hkv, prompt, d in SHAPES:
         torch.manual_seed(0)
@@ -87,9 +78,7 @@ def main(argv=None):
         print(f"B={b} H_kv={hkv} D={d}: TurboKVCache.append median {t['median_us']:.0f} us (max {t['max_us']:.0f}, "
               f"mean {t['mean_us']:.0f}; queued: host {t['host_us_queued']:.0f}, all {t['mean_us_queued']:.0f}) | "
               f"{baseline_name} median {f['median_us']:.0f} us (queued {f['mean_us_queued']:.0f})", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cache_append_{gpu.replace(' ', '_').replace('/', '_')}"
+    stem = result_stem(args.out, "cache_append", gpu)
     stem.with_suffix(".json").write_text(json.dumps(
         {"gpu": gpu, "versions": {p: package_version(p) for p in ("torch", "apache-tvm", "transformers")},
          "appends": APPENDS, "rows": rows}, indent=1))
@@ -111,11 +100,7 @@ def plot(rows, path, gpu):
     for i, (who, key, label) in enumerate(keys):
         ax.bar([x + i * width for x in range(len(rows))], [r[who][key] for r in rows], width, label=label)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
-    ax.set_ylabel("us per one-token append")
-    ax.set_title(f"KV cache append, H_kv=8 D=128 ({gpu})", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_plot(fig, ax, "us per one-token append", f"KV cache append, H_kv=8 D=128 ({gpu})", path)
 
 
 if __name__ == "__main__":

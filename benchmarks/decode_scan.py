@@ -11,29 +11,20 @@ Writes JSON and a PNG.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from turbotvm import TurboAttention
-from turbotvm.bench import capture, copy_bandwidth_gbs, graphed_ms, median_ms, package_version
+from turbotvm.bench import (capture, copy_bandwidth_gbs, finish_plot, graphed_ms, median_ms, package_version,
+                            result_stem, start_gpu_script)
 
 SHAPES = [(1, 8192), (1, 16384), (1, 32768), (1, 65536), (1, 131072), (4, 32768), (16, 32768)]
 HEADS, HEAD_DIM, STEPS_PER_GRAPH = 32, 128, 10
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("decode_scan: needs a CUDA GPU")
-    gpu = torch.cuda.get_device_name()
-    turbo = TurboAttention.build({"kind": "cuda", "arch": "sm_%d%d" % torch.cuda.get_device_capability()},
-                                 head_dims=(HEAD_DIM,), dtypes=("float16",))
+    args, gpu, turbo = start_gpu_script("decode_scan", __doc__, argv, head_dims=(HEAD_DIM,))
     copy_gbs = copy_bandwidth_gbs()
     print(f"{gpu}: copy bandwidth {copy_gbs:.0f} GB/s")
     rows = []
@@ -57,9 +48,7 @@ def main(argv=None):
     slope, fixed = np.polyfit([r["mb"] for r in ones], [r["per_step_us"] for r in ones], 1)
     fit = {"fixed_us": fixed, "streaming_gbs": 1e3 / slope}
     print(f"B=1 fit: {fixed:.1f} us per step + the bytes at {1e3 / slope:.0f} GB/s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"decode_scan_{gpu.replace(' ', '_').replace('/', '_')}"
+    stem = result_stem(args.out, "decode_scan", gpu)
     stem.with_suffix(".json").write_text(json.dumps(
         {"gpu": gpu, "versions": {p: package_version(p) for p in ("torch", "apache-tvm", "apache-tvm-ffi")},
          "copy_bandwidth_gbs": copy_gbs, "heads": HEADS, "head_dim": HEAD_DIM, "bits": 4, "rows": rows,
@@ -86,11 +75,7 @@ def plot(rows, fit, copy_gbs, gpu, path):
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("cache MB read per step (B=1, H=32, D=128, 4-bit)")
-    ax.set_ylabel("us per step")
-    ax.set_title(f"decode step vs cache size ({gpu})", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_plot(fig, ax, "us per step", f"decode step vs cache size ({gpu})", path)
 
 
 if __name__ == "__main__":

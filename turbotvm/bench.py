@@ -226,6 +226,35 @@ def bench_decode(turbo, shapes, copy_gbs, head_bits_of):
     return rows
 
 
+def start_gpu_script(name: str, doc: str, argv, head_dims) -> tuple:
+    """A GPU benchmark script's start: its --out option, a GPU or exit, this GPU's fp16 build of head_dims.
+    Returns (args, GPU name, TurboAttention)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{name}: needs a CUDA GPU")
+    turbo = TurboAttention.build({"kind": "cuda", "arch": "sm_%d%d" % torch.cuda.get_device_capability()},
+                                 head_dims=tuple(head_dims), dtypes=("float16",))
+    return args, torch.cuda.get_device_name(), turbo
+
+
+def result_stem(out, name: str, gpu: str) -> Path:
+    """<out>/<name>_<GPU name>: where a benchmark writes its .json and .png (out made if missing)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{name}_{gpu.replace(' ', '_').replace('/', '_')}"
+
+
+def finish_plot(fig, ax, ylabel: str, title: str, path) -> None:
+    """The benchmarks' plots end alike: y label, small title and legend, saved at 120 dpi."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot(result, path):
     import matplotlib
 
