@@ -23,12 +23,11 @@ through ``heads``.
 
 from tvm.script import tirx as T
 
-from ..algorithm import CACHE_GROUP, INT8_MAX, QUANT_BLOCK, SUPPORTED_HEAD_DIMS, codes_per_byte
+from ..algorithm import CACHE_GROUP, INT8_MAX, QUANT_BLOCK, codes_per_byte
 
 BLK = QUANT_BLOCK
 GROUP = CACHE_GROUP
 GROUPS_PER_BLOCK = QUANT_BLOCK // CACHE_GROUP
-MAX_D = max(SUPPORTED_HEAD_DIMS)  # size of per-channel scratch (static: CUDA local arrays)
 MAX_ERROR = 2**31 - 1
 #: The byte that stores a kept INT8 value v is v + KEPT_BIAS (1..255: unsigned, portable).
 KEPT_BIAS = 128
@@ -98,10 +97,45 @@ def compress(bits: int, channel_major: bool):
         step = T.match_buffer(step_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "uint8")
         zero = T.match_buffer(zero_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "int8")
         scale = T.match_buffer(scale_h, (B, HG, NB), "float32")
+        width = T.alloc_buffer((B, HG, NB, D), "int32")  # the channel's range over its 64-token block
+        rank = T.alloc_buffer((B, HG, NB, D), "int32")  # channels wider than it (ties: lower index first)
+        for b, g, blk, d in T.grid(B, HG, NB, D):
+            with T.sblock("width"):
+                vb, vg, vblk, vd = T.axis.remap("SSSS", [b, g, blk, d])
+                T.reads(x8[vb, 0:HKV, vblk * BLK:vblk * BLK + BLK, vd], heads[vg])
+                T.writes(width[vb, vg, vblk, vd])
+                channel_span = T.sblock_alloc_buffer((2,), "int32")  # min, max
+                for t in range(BLK):
+                    with T.sblock("block_range"):
+                        vt = T.axis.remap("R", [t])
+                        with T.init():
+                            channel_span[0] = INT8_MAX
+                            channel_span[1] = -INT8_MAX
+                        channel_span[0] = T.min(channel_span[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                        channel_span[1] = T.max(channel_span[1], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                with T.sblock("store_width"):
+                    width[vb, vg, vblk, vd] = channel_span[1] - channel_span[0]
+        for b, g, blk, d in T.grid(B, HG, NB, D):
+            with T.sblock("rank"):
+                vb, vg, vblk, vd = T.axis.remap("SSSS", [b, g, blk, d])
+                T.reads(width[vb, vg, vblk, 0:D])
+                T.writes(rank[vb, vg, vblk, vd])
+                wider = T.sblock_alloc_buffer((1,), "int32")
+                for d2 in range(D):
+                    with T.sblock("count_wider"):
+                        vd2 = T.axis.remap("R", [d2])
+                        with T.init():
+                            wider[0] = 0
+                        wider[0] = wider[0] + T.Select(T.Or(
+                            width[vb, vg, vblk, vd2] > width[vb, vg, vblk, vd],
+                            T.And(width[vb, vg, vblk, vd2] == width[vb, vg, vblk, vd], vd2 < vd)), 1, 0)
+                with T.sblock("store_rank"):
+                    rank[vb, vg, vblk, vd] = wider[0]
         for b, g, blk, grp, d in T.grid(B, HG, NB, GROUPS_PER_BLOCK, D):
             with T.sblock("fit"):
                 vb, vg, vblk, vgrp, vd = T.axis.remap("SSSSS", [b, g, blk, grp, d])
-                T.reads(x8[vb, 0:HKV, vblk * BLK + vgrp * GROUP:vblk * BLK + vgrp * GROUP + GROUP, vd], heads[vg])
+                T.reads(x8[vb, 0:HKV, vblk * BLK + vgrp * GROUP:vblk * BLK + vgrp * GROUP + GROUP, vd], heads[vg],
+                        rank[vb, vg, vblk, vd])
                 T.writes(step[vb, vg, vblk, vgrp, vd], zero[vb, vg, vblk, vgrp, vd])
                 span = T.sblock_alloc_buffer((2,), "int32")  # min, max of the group
                 cand = T.sblock_alloc_buffer((3,), "int32")  # widest step, step tried, its zero
@@ -137,51 +171,12 @@ def compress(bits: int, channel_major: bool):
                         vi = T.axis.opaque(candidates, i)
                         best[1] = T.Select(err[0] < best[0], cand[1], best[1])
                         best[0] = T.min(err[0], best[0])
-                with T.sblock("store"):
-                    step[vb, vg, vblk, vgrp, vd] = T.Cast("uint8", best[1])
-                    zero[vb, vg, vblk, vgrp, vd] = T.Cast("int8", _zero_point(span[0], span[1], best[1], levels))
-        for b, g, blk in T.grid(B, HG, NB):
-            with T.sblock("outliers"):
-                vb, vg, vblk = T.axis.remap("SSS", [b, g, blk])
-                T.reads(x8[vb, 0:HKV, vblk * BLK:vblk * BLK + BLK, 0:D], heads[vg])
-                T.writes(step[vb, vg, vblk, 0:GROUPS_PER_BLOCK, 0:D], zero[vb, vg, vblk, 0:GROUPS_PER_BLOCK, 0:D])
-                lo = T.sblock_alloc_buffer((MAX_D,), "int32")
-                hi = T.sblock_alloc_buffer((MAX_D,), "int32")
-                rank = T.sblock_alloc_buffer((MAX_D,), "int32")  # channels wider than d (ties: lower index)
-                channel = T.sblock_alloc_buffer((1,), "int64")  # the channel of rank `slot`
-                for d, t in T.grid(D, BLK):
-                    with T.sblock("width"):
-                        vd, vt = T.axis.remap("SR", [d, t])
-                        with T.init():
-                            lo[_scratch(vd)] = INT8_MAX
-                            hi[_scratch(vd)] = -INT8_MAX
-                        lo[_scratch(vd)] = T.min(lo[_scratch(vd)], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
-                        hi[_scratch(vd)] = T.max(hi[_scratch(vd)], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
-                for d, d2 in T.grid(D, D):
-                    with T.sblock("rank"):
-                        vd, vd2 = T.axis.remap("SR", [d, d2])
-                        with T.init():
-                            rank[_scratch(vd)] = 0
-                        rank[_scratch(vd)] = rank[_scratch(vd)] + T.Select(T.Or(
-                            hi[_scratch(vd2)] - lo[_scratch(vd2)] > hi[_scratch(vd)] - lo[_scratch(vd)],
-                            T.And(hi[_scratch(vd2)] - lo[_scratch(vd2)] == hi[_scratch(vd)] - lo[_scratch(vd)],
-                                  vd2 < vd)), 1, 0)
-                for slot in T.serial(W - D // per_byte):
-                    for d in range(D):
-                        with T.sblock("find"):
-                            vslot = T.axis.opaque(W - D // per_byte, slot)
-                            vd = T.axis.remap("R", [d])
-                            with T.init():
-                                channel[0] = T.int64(0)
-                            channel[0] = channel[0] + T.Select(T.Cast("int64", rank[_scratch(vd)]) == vslot, vd, T.int64(0))
-                    for grp in range(GROUPS_PER_BLOCK):
-                        with T.sblock("mark"):
-                            vslot = T.axis.opaque(W - D // per_byte, slot)
-                            vgrp = T.axis.remap("S", [grp])
-                            T.reads(channel[0])
-                            T.writes(step[vb, vg, vblk, vgrp, 0:D], zero[vb, vg, vblk, vgrp, 0:D])
-                            step[vb, vg, vblk, vgrp, channel[0]] = T.uint8(0)
-                            zero[vb, vg, vblk, vgrp, channel[0]] = T.Cast("int8", vslot)
+                with T.sblock("store"):  # the block's n_out widest channels are kept: step 0, zero = slot
+                    step[vb, vg, vblk, vgrp, vd] = T.Cast("uint8", T.Select(
+                        T.Cast("int64", rank[vb, vg, vblk, vd]) < W - D // per_byte, 0, best[1]))
+                    zero[vb, vg, vblk, vgrp, vd] = T.Cast("int8", T.Select(
+                        T.Cast("int64", rank[vb, vg, vblk, vd]) < W - D // per_byte, rank[vb, vg, vblk, vd],
+                        _zero_point(span[0], span[1], best[1], levels)))
         for b, g, blk in T.grid(B, HG, NB):
             with T.sblock("gather_scale"):
                 vb, vg, vblk = T.axis.remap("SSS", [b, g, blk])
@@ -212,12 +207,6 @@ def compress(bits: int, channel_major: bool):
                     T.Cast("uint8", T.Cast("int32", x8[vb, heads[vg], vt, vd]) + KEPT_BIAS), T.uint8(0))
 
     return compress_func
-
-
-def _scratch(d):
-    """Index of channel d in a MAX_D scratch array. The modulo (a no-op: D <= MAX_D) keeps the
-    array's compacted size MAX_D rather than the symbolic D, which CUDA local arrays cannot take."""
-    return T.floormod(d, MAX_D)
 
 
 def _group_param(param, b, g, t, d):
