@@ -85,6 +85,7 @@ def compress(bits: int, channel_major: bool):
     levels = 2**bits - 1
     # most steps a group tries: widest // 2 + 1 when its range is the full 254
     candidates = (INT8_MAX * 2 + levels - 1) // levels // 2 + 1
+    keeps_outliers = not channel_major  # V's rows have no kept bytes: its n_out is 0
 
     @T.prim_func(s_tir=True)
     def compress_func(x8_h: T.handle, scale8_h: T.handle, heads_h: T.handle, codes_h: T.handle,
@@ -97,45 +98,49 @@ def compress(bits: int, channel_major: bool):
         step = T.match_buffer(step_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "uint8")
         zero = T.match_buffer(zero_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "int8")
         scale = T.match_buffer(scale_h, (B, HG, NB), "float32")
-        width = T.alloc_buffer((B, HG, NB, D), "int32")  # the channel's range over its 64-token block
-        rank = T.alloc_buffer((B, HG, NB, D), "int32")  # channels wider than it (ties: lower index first)
-        for b, g, blk, d in T.grid(B, HG, NB, D):
-            with T.sblock("width"):
-                vb, vg, vblk, vd = T.axis.remap("SSSS", [b, g, blk, d])
-                T.reads(x8[vb, 0:HKV, vblk * BLK:vblk * BLK + BLK, vd], heads[vg])
-                T.writes(width[vb, vg, vblk, vd])
-                channel_span = T.sblock_alloc_buffer((2,), "int32")  # min, max
-                for t in range(BLK):
-                    with T.sblock("block_range"):
-                        vt = T.axis.remap("R", [t])
-                        with T.init():
-                            channel_span[0] = INT8_MAX
-                            channel_span[1] = -INT8_MAX
-                        channel_span[0] = T.min(channel_span[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
-                        channel_span[1] = T.max(channel_span[1], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
-                with T.sblock("store_width"):
-                    width[vb, vg, vblk, vd] = channel_span[1] - channel_span[0]
-        for b, g, blk, d in T.grid(B, HG, NB, D):
-            with T.sblock("rank"):
-                vb, vg, vblk, vd = T.axis.remap("SSSS", [b, g, blk, d])
-                T.reads(width[vb, vg, vblk, 0:D])
-                T.writes(rank[vb, vg, vblk, vd])
-                wider = T.sblock_alloc_buffer((1,), "int32")
-                for d2 in range(D):
-                    with T.sblock("count_wider"):
-                        vd2 = T.axis.remap("R", [d2])
-                        with T.init():
-                            wider[0] = 0
-                        wider[0] = wider[0] + T.Select(T.Or(
-                            width[vb, vg, vblk, vd2] > width[vb, vg, vblk, vd],
-                            T.And(width[vb, vg, vblk, vd2] == width[vb, vg, vblk, vd], vd2 < vd)), 1, 0)
-                with T.sblock("store_rank"):
-                    rank[vb, vg, vblk, vd] = wider[0]
+        if keeps_outliers:  # K: rank the block's channels by width; the n_out widest are kept
+            width = T.alloc_buffer((B, HG, NB, D), "int32")  # the channel's range over its 64-token block
+            rank = T.alloc_buffer((B, HG, NB, D), "int32")  # channels wider than it (ties: lower index first)
+            for b, g, blk, d in T.grid(B, HG, NB, D):
+                with T.sblock("width"):
+                    vb, vg, vblk, vd = T.axis.remap("SSSS", [b, g, blk, d])
+                    T.reads(x8[vb, 0:HKV, vblk * BLK:vblk * BLK + BLK, vd], heads[vg])
+                    T.writes(width[vb, vg, vblk, vd])
+                    channel_span = T.sblock_alloc_buffer((2,), "int32")  # min, max
+                    for t in range(BLK):
+                        with T.sblock("block_range"):
+                            vt = T.axis.remap("R", [t])
+                            with T.init():
+                                channel_span[0] = INT8_MAX
+                                channel_span[1] = -INT8_MAX
+                            channel_span[0] = T.min(channel_span[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                            channel_span[1] = T.max(channel_span[1], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                    with T.sblock("store_width"):
+                        width[vb, vg, vblk, vd] = channel_span[1] - channel_span[0]
+            for b, g, blk, d in T.grid(B, HG, NB, D):
+                with T.sblock("rank"):
+                    vb, vg, vblk, vd = T.axis.remap("SSSS", [b, g, blk, d])
+                    T.reads(width[vb, vg, vblk, 0:D])
+                    T.writes(rank[vb, vg, vblk, vd])
+                    wider = T.sblock_alloc_buffer((1,), "int32")
+                    for d2 in range(D):
+                        with T.sblock("count_wider"):
+                            vd2 = T.axis.remap("R", [d2])
+                            with T.init():
+                                wider[0] = 0
+                            wider[0] = wider[0] + T.Select(T.Or(
+                                width[vb, vg, vblk, vd2] > width[vb, vg, vblk, vd],
+                                T.And(width[vb, vg, vblk, vd2] == width[vb, vg, vblk, vd], vd2 < vd)), 1, 0)
+                    with T.sblock("store_rank"):
+                        rank[vb, vg, vblk, vd] = wider[0]
         for b, g, blk, grp, d in T.grid(B, HG, NB, GROUPS_PER_BLOCK, D):
             with T.sblock("fit"):
                 vb, vg, vblk, vgrp, vd = T.axis.remap("SSSSS", [b, g, blk, grp, d])
-                T.reads(x8[vb, 0:HKV, vblk * BLK + vgrp * GROUP:vblk * BLK + vgrp * GROUP + GROUP, vd], heads[vg],
-                        rank[vb, vg, vblk, vd])
+                if keeps_outliers:
+                    T.reads(x8[vb, 0:HKV, vblk * BLK + vgrp * GROUP:vblk * BLK + vgrp * GROUP + GROUP, vd], heads[vg],
+                            rank[vb, vg, vblk, vd])
+                else:
+                    T.reads(x8[vb, 0:HKV, vblk * BLK + vgrp * GROUP:vblk * BLK + vgrp * GROUP + GROUP, vd], heads[vg])
                 T.writes(step[vb, vg, vblk, vgrp, vd], zero[vb, vg, vblk, vgrp, vd])
                 span = T.sblock_alloc_buffer((2,), "int32")  # min, max of the group
                 cand = T.sblock_alloc_buffer((3,), "int32")  # widest step, step tried, its zero
@@ -171,12 +176,17 @@ def compress(bits: int, channel_major: bool):
                         vi = T.axis.opaque(candidates, i)
                         best[1] = T.Select(err[0] < best[0], cand[1], best[1])
                         best[0] = T.min(err[0], best[0])
-                with T.sblock("store"):  # the block's n_out widest channels are kept: step 0, zero = slot
-                    step[vb, vg, vblk, vgrp, vd] = T.Cast("uint8", T.Select(
-                        T.Cast("int64", rank[vb, vg, vblk, vd]) < W - D // per_byte, 0, best[1]))
-                    zero[vb, vg, vblk, vgrp, vd] = T.Cast("int8", T.Select(
-                        T.Cast("int64", rank[vb, vg, vblk, vd]) < W - D // per_byte, rank[vb, vg, vblk, vd],
-                        _zero_point(span[0], span[1], best[1], levels)))
+                if keeps_outliers:
+                    with T.sblock("store"):  # the block's n_out widest channels are kept: step 0, zero = slot
+                        step[vb, vg, vblk, vgrp, vd] = T.Cast("uint8", T.Select(
+                            T.Cast("int64", rank[vb, vg, vblk, vd]) < W - D // per_byte, 0, best[1]))
+                        zero[vb, vg, vblk, vgrp, vd] = T.Cast("int8", T.Select(
+                            T.Cast("int64", rank[vb, vg, vblk, vd]) < W - D // per_byte, rank[vb, vg, vblk, vd],
+                            _zero_point(span[0], span[1], best[1], levels)))
+                else:
+                    with T.sblock("store"):
+                        step[vb, vg, vblk, vgrp, vd] = T.Cast("uint8", best[1])
+                        zero[vb, vg, vblk, vgrp, vd] = T.Cast("int8", _zero_point(span[0], span[1], best[1], levels))
         for b, g, blk in T.grid(B, HG, NB):
             with T.sblock("gather_scale"):
                 vb, vg, vblk = T.axis.remap("SSS", [b, g, blk])
@@ -196,15 +206,22 @@ def compress(bits: int, channel_major: bool):
                               T.max(T.Cast("int32", _group_param(step, vb, vg, token, channel)), 1),
                               levels))),
                     T.Cast("uint8", vc * bits))
-        for b, g, t, slot, d in T.grid(B, HG, L, W - D // per_byte, D):
-            with T.sblock("keep"):
-                vb, vg, vt, vslot, vd = T.axis.remap("SSSSR", [b, g, t, slot, d])
-                with T.init():
-                    codes[vb, vg, vt, D // per_byte + vslot] = T.uint8(0)
-                codes[vb, vg, vt, D // per_byte + vslot] = codes[vb, vg, vt, D // per_byte + vslot] + T.Select(
-                    T.And(_group_param(step, vb, vg, vt, vd) == 0,
-                          T.Cast("int64", _group_param(zero, vb, vg, vt, vd)) == vslot),
-                    T.Cast("uint8", T.Cast("int32", x8[vb, heads[vg], vt, vd]) + KEPT_BIAS), T.uint8(0))
+        if keeps_outliers:
+            for b, g, t, slot in T.grid(B, HG, L, W - D // per_byte):
+                with T.sblock("keep"):
+                    vb, vg, vt, vslot = T.axis.remap("SSSS", [b, g, t, slot])
+                    T.reads(rank[vb, vg, vt // BLK, 0:D], x8[vb, 0:HKV, vt, 0:D], heads[vg])
+                    T.writes(codes[vb, vg, vt, D // per_byte + vslot])
+                    kept = T.sblock_alloc_buffer((1,), "int64")  # the channel of rank `slot`
+                    for d in range(D):
+                        with T.sblock("find_kept"):
+                            vd = T.axis.remap("R", [d])
+                            with T.init():
+                                kept[0] = T.int64(0)
+                            kept[0] = kept[0] + T.Select(T.Cast("int64", rank[vb, vg, vt // BLK, vd]) == vslot, vd, T.int64(0))
+                    with T.sblock("store_kept"):
+                        codes[vb, vg, vt, D // per_byte + vslot] = T.Cast(
+                            "uint8", T.Cast("int32", x8[vb, heads[vg], vt, kept[0]]) + KEPT_BIAS)
 
     return compress_func
 
