@@ -7,9 +7,11 @@ code = clamp(round_half_even((x - zero) / step), 0, levels) in integers (docs/al
 
 Per 64-token block, the ``n_out`` widest channels (K's outlier channels) are kept verbatim: their
 step is 0 and their zero is a slot number; slot o of token t is byte ``D / per_byte + o`` of the
-token's code row, holding x8 + 128. ``n_out`` is not a parameter: it is the width of the code rows
-beyond the packed codes (CACHE_K_OUTLIERS for K, 0 for V). K and V differ only in how codes are laid
-out (``channel_major``), so one definition serves both.
+token's code row, holding x8 + 128. ``n_out`` is not a parameter: it is the width of K's code rows
+beyond the packed codes (CACHE_K_OUTLIERS); V keeps none, and its kernel has no outlier blocks. The
+channels are ranked by width in data-parallel blocks (one thread per channel), so a one-block
+compression (a cache append) spreads over the GPU. K and V differ otherwise only in how codes are
+laid out (``channel_major``), so one definition serves both.
 
 Layouts: codes [B, HG, L, D / per_byte + n_out] uint8, low bits first; step, zero
 [B, HG, L/64, 64/CACHE_GROUP, D]. K's codes are token-major: byte i of token t's row holds channels
