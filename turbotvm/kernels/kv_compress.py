@@ -35,6 +35,16 @@ MAX_ERROR = 2**31 - 1
 KEPT_BIAS = 128
 
 
+@T.macro
+def _running_range(span, value):
+    """span = (min, max) of the values a reduction block has seen."""
+    with T.init():
+        span[0] = INT8_MAX
+        span[1] = -INT8_MAX
+    span[0] = T.min(span[0], value)
+    span[1] = T.max(span[1], value)
+
+
 def _code(value, zero, step, levels):
     """clamp(round_half_even((value - zero) / step), 0, levels); all int32, step >= 1."""
     quot = T.floordiv(value - zero, step)
@@ -112,11 +122,7 @@ def compress(bits: int, channel_major: bool):
                     for t in range(BLK):
                         with T.sblock("block_range"):
                             vt = T.axis.remap("R", [t])
-                            with T.init():
-                                channel_span[0] = INT8_MAX
-                                channel_span[1] = -INT8_MAX
-                            channel_span[0] = T.min(channel_span[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
-                            channel_span[1] = T.max(channel_span[1], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
+                            _running_range(channel_span, T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vt, vd]))
                     with T.sblock("store_width"):
                         width[vb, vg, vblk, vd] = channel_span[1] - channel_span[0]
             for b, g, blk, d in T.grid(B, HG, NB, D):
@@ -151,11 +157,7 @@ def compress(bits: int, channel_major: bool):
                 for t in range(GROUP):
                     with T.sblock("range"):
                         vt = T.axis.remap("R", [t])
-                        with T.init():
-                            span[0] = INT8_MAX
-                            span[1] = -INT8_MAX
-                        span[0] = T.min(span[0], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vgrp * GROUP + vt, vd]))
-                        span[1] = T.max(span[1], T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vgrp * GROUP + vt, vd]))
+                        _running_range(span, T.Cast("int32", x8[vb, heads[vg], vblk * BLK + vgrp * GROUP + vt, vd]))
                 with T.sblock("init_best"):
                     cand[0] = T.max(1, T.ceildiv(span[1] - span[0], levels))
                     best[0] = MAX_ERROR
