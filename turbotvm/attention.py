@@ -253,6 +253,8 @@ class TurboAttention:
         b, _, length, d = k8.shape
         hg, nblocks = len(heads), length // QUANT_BLOCK
         head_ids = self._head_ids(heads, k8.device)
+        # the kernels' scratch (K's channel widths and ranks), from torch's stream-ordered allocator
+        width, rank = (self._empty(k8, (b, hg, nblocks, d), torch.int32) for _ in range(2))
         parts = []
         # K's code rows end with CACHE_K_OUTLIERS bytes for its kept channels; the kernels read the width
         for tensor, x8, scale, kept in (("k", k8, k_scale, CACHE_K_OUTLIERS), ("v", v8, v_scale, 0)):
@@ -260,7 +262,8 @@ class TurboAttention:
             step = self._empty(x8, (b, hg, nblocks, QUANT_BLOCK // CACHE_GROUP, d), torch.uint8)
             zero = self._empty(x8, (b, hg, nblocks, QUANT_BLOCK // CACHE_GROUP, d), torch.int8)
             group_scale = self._empty(x8, (b, hg, nblocks), torch.float32)
-            self.kernels[names.compress_name(bits, tensor)](x8, scale, head_ids, codes, step, zero, group_scale)
+            self.kernels[names.compress_name(bits, tensor)](x8, scale, head_ids, codes, step, zero, group_scale,
+                                                            width, rank)
             parts += [codes, step, zero, group_scale]
         return PackedGroup(bits, head_ids, *parts)
 

@@ -21,7 +21,8 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 #: 4: decode_int8 takes empty_slots (it marks the slots a split launch may leave unwritten).
 #: 5: CUDA: decode_step_b{bits}_d{D}_{dtype} (one launch per bit width group) replaces decode_int8,
 #:    decode_split and decode_merge.
-KERNEL_ABI = 5
+#: 6: compress_{k,v}_b{bits} take their scratch (K's channel widths and ranks) as two more arguments.
+KERNEL_ABI = 6
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ channel-major within each 64-token block: the block's 64 rows hold its D runs of
 after channel, byte j of a run holding tokens j*k .. j*k+k-1 (P·V reads a channel's 64 codes as one
 vector and multiplies four tokens per dp4a). Both keep the token axis in 64-row blocks, so whole
 blocks slice and copy alike. The kernels gather a group of heads (all heads of one bit width)
-through ``heads``.
+through ``heads``. Their scratch (``width``, ``rank`` [B, HG, L/64, D] int32) is the caller's: TVM's
+own workspace pool knows no streams, so memory it hands out could still be in use on another stream.
 """
 
 from tvm.script import tirx as T
@@ -101,7 +102,7 @@ def compress(bits: int, channel_major: bool):
 
     @T.prim_func(s_tir=True)
     def compress_func(x8_h: T.handle, scale8_h: T.handle, heads_h: T.handle, codes_h: T.handle,
-                      step_h: T.handle, zero_h: T.handle, scale_h: T.handle):
+                      step_h: T.handle, zero_h: T.handle, scale_h: T.handle, width_h: T.handle, rank_h: T.handle):
         B, HKV, HG, L, D, NB, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         x8 = T.match_buffer(x8_h, (B, HKV, L, D), "int8")
         scale8 = T.match_buffer(scale8_h, (B, HKV, NB), "float32")
@@ -110,9 +111,11 @@ def compress(bits: int, channel_major: bool):
         step = T.match_buffer(step_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "uint8")
         zero = T.match_buffer(zero_h, (B, HG, NB, GROUPS_PER_BLOCK, D), "int8")
         scale = T.match_buffer(scale_h, (B, HG, NB), "float32")
+        # scratch (V's kernel leaves them be): the channel's range over its 64-token block; the channels
+        # wider than it (ties: lower index first)
+        width = T.match_buffer(width_h, (B, HG, NB, D), "int32")
+        rank = T.match_buffer(rank_h, (B, HG, NB, D), "int32")
         if keeps_outliers:  # K: rank the block's channels by width; the n_out widest are kept
-            width = T.alloc_buffer((B, HG, NB, D), "int32")  # the channel's range over its 64-token block
-            rank = T.alloc_buffer((B, HG, NB, D), "int32")  # channels wider than it (ties: lower index first)
             for b, g, blk, d in T.grid(B, HG, NB, D):
                 with T.sblock("width"):
                     vb, vg, vblk, vd = T.axis.remap("SSSS", [b, g, blk, d])

@@ -1,7 +1,8 @@
 """Builders and runners for tuning: local processes, or any machine behind a TVM RPC tracker.
 
 The runners fill kernel inputs at random, except int32 buffers: in turbotvm those hold head
-indices (``heads`` of compress/decode), which must stay in range, so they are zero-filled.
+indices (``heads`` of compress/decode), which must stay in range, or scratch (compress's widths and
+ranks), so they are zero-filled.
 """
 
 from __future__ import annotations
