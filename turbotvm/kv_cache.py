@@ -38,6 +38,7 @@ from .attention import TurboAttention
 from .calibration import select_head_bits
 from .compressed_kv import PackedGroup, SinkLayout
 from .runtimes import runtime_for
+from .torch_stream import current_stream_handle
 from .validation import check_head_dim, dtype_name
 
 
@@ -71,6 +72,9 @@ class TurboKVCache(SinkLayout):
         self.buffer_k = self.buffer_k_scale = self.buffer_v = self.buffer_v_scale = None
         self.sink_k = self.sink_k_scale = self.sink_v = self.sink_v_scale = None  # INT8 block 0, once closed
         self._open_k = self._open_v = None  # the open block's tokens in the input dtype
+        # raw handles of the CUDA streams that allocated the open block's tensors and the group tensors
+        self._open_stream: int | None = None
+        self._groups_stream: int | None = None
         self._capacity = 0  # tokens the group tensors can hold
         # whole blocks, less the sink block (kept apart from the packed groups)
         self._reserve = max(0, -(-int(reserve_tokens) // QUANT_BLOCK) * QUANT_BLOCK - QUANT_BLOCK)
@@ -127,10 +131,11 @@ class TurboKVCache(SinkLayout):
         dtype = dtype_name("k", k, runtime.config)
         if self.k_mean is None:
             self._start(runtime, k, v, dtype)
+        stream = _current_stream(k.device)
         # every tensor this append replaces is read on the current stream first (cat, copy, decode
         # before it): keep its memory from reuse until that work is done, whichever stream made it
-        _in_use_on_current_stream(self._open_k, self._open_v, self.buffer_k, self.buffer_v,
-                                  self.buffer_k_scale, self.buffer_v_scale)
+        _used_on(stream, self._open_stream, self._open_k, self._open_v, self.buffer_k, self.buffer_v,
+                 self.buffer_k_scale, self.buffer_v_scale)
         k_open = k.contiguous() if self._open_k is None else torch.cat((self._open_k, k), dim=2)
         v_open = v.contiguous() if self._open_v is None else torch.cat((self._open_v, v), dim=2)
         k8, k_scale = runtime.quantize(k_open, dtype, (self.k_mean, self.k_factor))
@@ -148,7 +153,7 @@ class TurboKVCache(SinkLayout):
                 k8[:, :, first * QUANT_BLOCK:closed].contiguous(), k_scale[:, :, first:blocks].contiguous(),
                 v8[:, :, first * QUANT_BLOCK:closed].contiguous(), v_scale[:, :, first:blocks].contiguous(),
                 self.head_bits)
-            self._store(new_groups, closed - first * QUANT_BLOCK)
+            self._store(new_groups, closed - first * QUANT_BLOCK, stream)
         if closed == 0:
             # no block closed (63 appends in 64): the open block is these new tensors whole, no copies,
             # except where k_open is the caller's own tensor (k.contiguous() of a contiguous k)
@@ -164,6 +169,7 @@ class TurboKVCache(SinkLayout):
         else:
             self._open_k = self._open_v = None
             self.buffer_k = self.buffer_k_scale = self.buffer_v = self.buffer_v_scale = None
+        self._open_stream = stream  # each branch above made the open block's tensors anew
 
     def _check(self, k, v) -> TurboAttention:
         for name, x in (("k", k), ("v", v)):
@@ -200,17 +206,18 @@ class TurboKVCache(SinkLayout):
 
     # ------------------------------------------------------------------ growing storage
 
-    def _store(self, new_groups: list[PackedGroup], tokens: int) -> None:
+    def _store(self, new_groups: list[PackedGroup], tokens: int, stream: int | None) -> None:
         """Write freshly compressed blocks after the stored ones, growing every group's tensors if full."""
         held = self.packed_len
         needed = held + tokens
+        # the stored tensors are copied (growing) or written (below) on the current stream
+        _used_on(stream, self._groups_stream, *(t for group in self.groups for t in group.tensors()))
         if needed > self._capacity:
             capacity = max(needed, 2 * self._capacity, self._reserve)
-            for old in self.groups:
-                _in_use_on_current_stream(*old.tensors())
             self.groups = [self._grown(old, new, tokens, capacity) for old, new in
                            zip(self.groups or [None] * len(new_groups), new_groups)]
             self._capacity = capacity
+            self._groups_stream = stream
         for stored, new in zip(self.groups, new_groups):
             for dst, src in zip(stored.tensors(), new.tensors()):
                 start = self._rows(src, tokens, held)
@@ -250,15 +257,25 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _in_use_on_current_stream(*tensors) -> None:
-    """``record_stream`` on the current stream: the caching allocator otherwise hands a freed tensor's
-    memory to new allocations of the stream that made it while this stream may still read it."""
-    streams = {}  # one query per device (a Stream object each: ~5 us of host time)
+def _current_stream(device: torch.device) -> int | None:
+    """Raw handle of torch's current stream on ``device``; None off CUDA."""
+    return current_stream_handle(device) if device.type == "cuda" else None
+
+
+def _used_on(stream: int | None, made_on: int | None, *tensors) -> None:
+    """Tensors made on stream ``made_on`` are used on ``stream``: ``record_stream`` them there unless the same.
+
+    The caching allocator hands a freed tensor's memory to the next allocation of the stream that made
+    it; work still queued on another stream must finish first. On the making stream itself the order is
+    the stream's own, so the common case (one stream) costs one raw handle query and no Stream object.
+    """
+    if stream is None or stream == made_on:
+        return
+    current = None
     for t in tensors:
-        if t is not None and t.is_cuda:
-            if t.device not in streams:
-                streams[t.device] = torch.cuda.current_stream(t.device)
-            t.record_stream(streams[t.device])
+        if t is not None:
+            current = current or torch.cuda.current_stream(t.device)
+            t.record_stream(current)
 
 
 def _nbytes(t: torch.Tensor) -> int:
