@@ -6,8 +6,7 @@ import torch
 
 from turbotvm import TurboAttention
 from turbotvm import reference as ref
-from turbotvm.algorithm import CACHE_K_OUTLIERS
-from turbotvm.testing import cosine, random_qkv, realistic_qkv
+from turbotvm.testing import check_compress_bit_exact, cosine, random_qkv, realistic_qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -62,19 +61,8 @@ def test_prefill_tensor_core_source(turbo_cuda):
 def test_cuda_compress_kernels_bit_exact(turbo_cuda, rng, bits):
     """Stage 2 on the GPU (step, zero, K's kept outlier channels, codes) equals the integer reference on
     the GPU's own INT8 codes, realistic K with outlier channels."""
-    _, k, v = (torch.from_numpy(x).cuda() for x in realistic_qkv(rng, 2, 4, 4, 1, 320, 128))
-    cache = turbo_cuda.compress_kv(k, v, [bits] * 4)
-    group = cache.groups[0]
-    k8, _ = turbo_cuda.quantize(k, "float32", turbo_cuda.smoothing(k, "float32"))
-    v8, _ = turbo_cuda.quantize(v, "float32")
-    for tensor, x8, codes, step, zero, kept in (("k", k8, group.k_codes, group.k_step, group.k_zero, CACHE_K_OUTLIERS),
-                                                ("v", v8, group.v_codes, group.v_step, group.v_zero, 0)):
-        x8 = x8[:, :, 64:].cpu().numpy()  # block 0 is the INT8 sink block
-        expected = ref.compress_int8(x8, bits, kept)
-        assert np.array_equal(step.cpu().numpy(), expected[1]) and np.array_equal(zero.cpu().numpy(), expected[2])
-        out = torch.empty((2, 4, 256, 128), dtype=torch.int8, device="cuda")
-        turbo_cuda.kernels[f"decompress_{tensor}_b{bits}"](codes, step, zero, out)
-        assert np.array_equal(out.cpu().numpy(), ref.decompress_int8(*expected))
+    _, k, v = realistic_qkv(rng, 2, 4, 4, 1, 320, 128)
+    check_compress_bit_exact(turbo_cuda, torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), bits)
 
 
 @pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,bits,splits", [

@@ -6,9 +6,9 @@ import torch
 
 from turbotvm import TurboAttention
 from turbotvm import reference as ref
-from turbotvm.algorithm import CACHE_K_OUTLIERS, QUANT_BLOCK
+from turbotvm.algorithm import QUANT_BLOCK
 from turbotvm.calibration import select_head_bits
-from turbotvm.testing import cosine, max_abs_error, random_qkv, realistic_qkv
+from turbotvm.testing import check_compress_bit_exact, cosine, max_abs_error, random_qkv, realistic_qkv
 
 SAME_ALGORITHM = 0.9999  # kernel vs reference.py (float32 vs float64 of the same steps)
 
@@ -80,37 +80,7 @@ def test_prefill_torch_tensors_zero_copy(turbo_cpu, rng):
 @pytest.mark.parametrize("bits", [4, 2])
 def test_compress_kernels_bit_exact(turbo_cpu, rng, bits):
     _, k, v = realistic_qkv(rng, 2, 4, 4, 1, 256, 128)
-    cache = turbo_cpu.compress_kv(k, v, [bits] * 4)
-    group = cache.groups[0]
-    # stage 2 is integer-exact: feed the reference the kernel's own INT8 codes (float32 vs float64
-    # stage 1 may differ by one code at rounding ties)
-    k_t = torch.from_numpy(k)
-    k8, _ = turbo_cpu.quantize(k_t, "float32", turbo_cpu.smoothing(k_t, "float32"))
-    v8, _ = turbo_cpu.quantize(torch.from_numpy(v), "float32")
-    # block 0 is the INT8 sink block, kept verbatim; the groups hold blocks 1..3
-    assert torch.equal(cache.sink_k, k8[:, :, :64]) and torch.equal(cache.sink_v, v8[:, :, :64])
-    k8, v8 = k8[:, :, 64:].contiguous(), v8[:, :, 64:].contiguous()
-    for tensor, x8, codes, step, zero, kept in (("k", k8, group.k_codes, group.k_step, group.k_zero, CACHE_K_OUTLIERS),
-                                                ("v", v8, group.v_codes, group.v_step, group.v_zero, 0)):
-        unpacked = turbo_cpu.kernels[f"decompress_{tensor}_b{bits}"]
-        assert codes.shape == (2, 4, 192, 128 * bits // 8 + kept)
-        expected = ref.compress_int8(x8.numpy(), bits, kept)
-        assert np.array_equal(step.numpy(), expected[1]) and np.array_equal(zero.numpy(), expected[2])
-        assert np.array_equal(codes.numpy()[..., :128 * bits // 8], pack_codes(expected[0], bits, tensor == "v"))
-        out = torch.empty((2, 4, 192, 128), dtype=torch.int8)
-        unpacked(codes, step, zero, out)
-        assert np.array_equal(out.numpy(), ref.decompress_int8(*expected))
-
-
-def pack_codes(code, bits, channel_major):
-    """Unpacked codes [B, H, L, D] as the bytes of kv_compress's documented layouts, in numpy."""
-    b, h, length, d = code.shape
-    per_byte = 8 // bits
-    if channel_major:  # per 64-token block: channel after channel, a run of 64 tokens each
-        code = code.reshape(b, h, length // 64, 64, d).transpose(0, 1, 2, 4, 3)
-    code = code.reshape(b, h, length * d // per_byte, per_byte).astype(np.uint8)
-    packed = np.bitwise_or.reduce([code[..., i] << (bits * i) for i in range(per_byte)])
-    return packed.reshape(b, h, length, d // per_byte)
+    check_compress_bit_exact(turbo_cpu, torch.from_numpy(k), torch.from_numpy(v), bits)
 
 
 def check_decode(turbo, q, k, v, head_bits, num_splits, min_exact):
