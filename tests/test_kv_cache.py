@@ -167,7 +167,9 @@ def test_sink_block_from_appends(cpu_ops_runtime, rng):
     assert nbytes == (sum(t.numel() * t.element_size() for t in sink) + 2 * cache.k_mean.numel() * 4  # mean, factor
                       + sum(t.numel() * t.element_size() for g in cache.groups for t in (g.heads, *g.tensors()))
                       + sum(t.numel() * t.element_size() for t in (cache.buffer_k, cache.buffer_k_scale, cache.buffer_v,
-                                                                    cache.buffer_v_scale, cache._open_k, cache._open_v)))
+                                                                    cache.buffer_v_scale))
+                      + 2 * cache.buffer_k.numel() * kv.k[0].element_size())  # the open block's tokens, K and V
+    assert cache.buffer_k.shape[2] == 14 and cache.nbytes(capacity=True) > nbytes
 
 
 def test_single_append_equals_compress_kv(cpu_ops_runtime, rng):
@@ -175,6 +177,29 @@ def test_single_append_equals_compress_kv(cpu_ops_runtime, rng):
     cache = TurboKVCache(head_bits=[4, 2, 2, 4])
     cache.append(k, v)
     assert torch.equal(turbo_decode(q, cache), cpu_ops_runtime.decode(q, cpu_ops_runtime.compress_kv(k, v, [4, 2, 2, 4])))
+
+
+def test_appends_equal_one_quantization(cpu_ops_runtime, rng):
+    """A cache grown token by token holds, bit for bit, what one quantization of all its tokens (with the
+    prompt's K smoothing) gives: the sink block, the packed groups and the open block's codes and scales."""
+    _, k, v = (torch.from_numpy(x).to(torch.bfloat16) for x in realistic_qkv(rng, 2, 4, 4, 1, 200, 64))
+    cache = TurboKVCache(head_bits=[4, 2, 4, 4])
+    cache.append(k[:, :, :100], v[:, :, :100])
+    for t in range(100, 200):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    smoothing = cpu_ops_runtime.smoothing(k[:, :, :100].contiguous(), "bfloat16")
+    k8, k_scale = cpu_ops_runtime.quantize(k, "bfloat16", smoothing)
+    v8, v_scale = cpu_ops_runtime.quantize(v, "bfloat16")
+    held = (cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
+            cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale)
+    once = (k8[:, :, :64], k_scale[:, :, :1], v8[:, :, :64], v_scale[:, :, :1],
+            k8[:, :, 192:], k_scale[:, :, 3:], v8[:, :, 192:], v_scale[:, :, 3:])
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(held, once))
+    groups = cpu_ops_runtime.compress_blocks(k8[:, :, 64:192].contiguous(), k_scale[:, :, 1:3].contiguous(),
+                                             v8[:, :, 64:192].contiguous(), v_scale[:, :, 1:3].contiguous(), cache.head_bits)
+    for stored, expected in zip(cache.groups, groups):
+        for a, b in zip(stored.tensors(), expected.tensors()):
+            assert torch.equal(a[:, :, :b.shape[2]], b)
 
 
 def test_head_bits_and_mean_fixed_by_first_append(cpu_ops_runtime, rng):
@@ -205,17 +230,18 @@ def test_strided_and_bfloat16_appends(cpu_ops_runtime, rng):
     check_decode(kv, rng, 4)
 
 
-def test_cache_keeps_no_alias_of_the_callers_tensors(cpu_ops_runtime, rng):
-    """Appends that close no block keep their new open block without copies, but never the caller's own
-    k / v: overwriting them after append (as a model reuses its projection buffers) changes nothing."""
+def test_open_block_in_place_and_no_alias_of_the_callers_tensors(cpu_ops_runtime, rng):
+    """Appends write the open block into the cache's own whole-block tensors, the same ones from block to
+    block (no allocation per token), and never keep the caller's k / v: overwriting them after append (as
+    a model reuses its projection buffers) changes nothing."""
     cache = TurboKVCache(head_bits=[4, 2])
     kv = Appender(cache, rng, 2, 2, 64)
-    for tokens in (30, 1, 1, 32):  # opens a block, grows it, closes it at exactly 64: no open block left
+    kv.append(30)
+    held = [t.data_ptr() for t in (*cache._open_tokens, *cache._open_codes)]
+    for tokens in (1, 1, 32):  # grows the block, closes it at exactly 64: no open block left
         kv.append(tokens)
-        held = [t for t in (cache._open_k, cache._open_v) if t is not None]
-        assert all(t.untyped_storage().data_ptr() not in (kv.k[-1].untyped_storage().data_ptr(),
-                                                          kv.v[-1].untyped_storage().data_ptr()) for t in held)
-    assert cache._open_k is None
+        assert [t.data_ptr() for t in (*cache._open_tokens, *cache._open_codes)] == held
+    assert cache.buffer_k is None and cache.length == cache.compressed_len == 64
     k_new = torch.randn(2, 2, 1, 64)  # opens the next block: k_open would be k_new itself
     v_new = torch.randn(2, 2, 1, 64)
     cache.append(k_new, v_new)

@@ -117,6 +117,29 @@ class TurboAttention:
         return codes, scale
 
     @on_torch_stream
+    def append_open_block(self, k: torch.Tensor, v: torch.Tensor, smoothing: tuple, open_block: tuple,
+                          codes: tuple, open_len: int) -> None:
+        """New tokens k, v [B, H_kv, T, D] into a cache's open block, which is then re-quantized whole.
+
+        open_block: (k_open, v_open) [B, H_kv, 64, D] in k's dtype, tokens [0, open_len) held; codes:
+        (k8, k_scale, v8, v_scale), [B, H_kv, 64, D] int8 and [B, H_kv, 1] float32, written for tokens
+        [0, open_len + T); smoothing: K's (mean, factor). All in place, one kernel (TurboKVCache.append).
+        """
+        k, v = as_tensor("k", k), as_tensor("v", v)
+        b, h, t, d = k.shape
+        if not 1 <= t <= QUANT_BLOCK - open_len:
+            raise ValueError(f"k: expected 1 to {QUANT_BLOCK - open_len} tokens (the open block holds {open_len} "
+                             f"of {QUANT_BLOCK}), got {t}")
+        dtype = dtype_name("k", k, self.config)
+        name = names.append_open_block_name(dtype, d if self.device_type == "cuda" else None)
+        if self.device_type == "cuda":
+            check_head_dim("k", d, self.config)
+        if self.index_limit is not None and open_block[0].numel() > self.index_limit:
+            raise ValueError(f"k: expected at most {self.index_limit // (QUANT_BLOCK * d)} sequences x KV heads "
+                             f"(this build's kernels index in int32), got {b} x {h}: split the batch over caches")
+        self.kernels[name](aligned(k), aligned(v), *smoothing, *open_block, *codes, open_len)
+
+    @on_torch_stream
     def smoothing(self, k: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
         """K's channel mean and balance factor [B, H_kv, D] float32 (docs/algorithm.md §1)."""
         k = as_tensor("k", k)
@@ -395,6 +418,11 @@ class TurboAttention:
         q = aligned(q)
         group_size = h // cache.num_kv_heads
         regions = cache.int8_regions()
+        for prefix, (tensors, tokens) in zip(("sink", "buffer"), regions):  # the INT8 regions' codes
+            for name, codes in ((f"{prefix}_k", tensors[0]), (f"{prefix}_v", tensors[2])):
+                if tokens and (codes.shape[2] < tokens or not codes.is_contiguous()):
+                    raise ValueError(f"cache: expected {name} contiguous with at least {tokens} token rows, got "
+                                     f"shape {tuple(codes.shape)} and strides {codes.stride()}")
         if self.device_type == "cuda":
             out = self._decode_steps(q, cache, dtype, scale, int(num_splits), group_size, regions)
         else:

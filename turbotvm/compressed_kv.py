@@ -62,11 +62,15 @@ class SinkLayout:
         """Tokens in the 4/2-bit groups: [sink_len, compressed_len)."""
         return self.compressed_len - self.sink_len
 
+    def _open_block_tensors(self) -> tuple:
+        """(k, k_scale, v, v_scale) of the open block as the kernels read them (rows: at least its tokens)."""
+        return (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale)
+
     def int8_regions(self) -> tuple:
         """((sink tensors, tokens), (open block tensors, tokens)): the INT8 regions a decode reads, each
         (k, k_scale, v, v_scale). Kernels take both; an absent one is the other's tensors with 0 tokens."""
         sink = (self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale)
-        open_block = (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale)
+        open_block = self._open_block_tensors()
         return ((sink if sink[0] is not None else open_block, self.sink_len),
                 (open_block if open_block[0] is not None else sink, self.length - self.compressed_len))
 
@@ -80,7 +84,7 @@ class CompressedKV(SinkLayout):
     k_mean: torch.Tensor  # [B, H_kv, D] float32: K smoothing offset, reused for later tokens
     k_factor: torch.Tensor  # [B, H_kv, D] float32: K's balance factor (K / factor, Q * factor), likewise
     groups: list = field(default_factory=list)  # PackedGroup per bit width present
-    buffer_k: torch.Tensor | None = None  # [B, H_kv, L - Lc, D] int8
+    buffer_k: torch.Tensor | None = None  # [B, H_kv, >= L - Lc, D] int8: rows past L - Lc unused
     buffer_k_scale: torch.Tensor | None = None  # [B, H_kv, 1] float32
     buffer_v: torch.Tensor | None = None
     buffer_v_scale: torch.Tensor | None = None

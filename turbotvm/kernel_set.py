@@ -22,7 +22,8 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 #: 5: CUDA: decode_step_b{bits}_d{D}_{dtype} (one launch per bit width group) replaces decode_int8,
 #:    decode_split and decode_merge.
 #: 6: compress_{k,v}_b{bits} take their scratch (K's channel widths and ranks) as two more arguments.
-KERNEL_ABI = 6
+#: 7: append_open_block_{dtype} (CUDA: _d{D}): a cache append's store and re-quantization in one kernel.
+KERNEL_ABI = 7
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,12 @@ def quantize_vt_name(dtype: str, head_dim: int) -> str:
     return f"quantize_vt_{dtype}_d{head_dim}"
 
 
+def append_open_block_name(dtype: str, head_dim: int | None = None) -> str:
+    """A cache append's new tokens into its open block, K and V re-quantized. CUDA: one per head dim
+    (hand-mapped); LLVM: one for every head dim (head_dim None)."""
+    return f"append_open_block_{dtype}" + ("" if head_dim is None else f"_d{head_dim}")
+
+
 #: Function attribute of kernels written already mapped to threads (no schedule rule applies).
 HAND_MAPPED = "turbotvm.hand_mapped"
 
@@ -133,6 +140,7 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm", arch: st
             for mode in quantize.QUANTIZE_MODES:
                 funcs[quantize_name(dtype, mode)] = quantize.quantize_int8(dtype, mode)
             funcs[channel_smoothing_name(dtype)] = quantize.channel_smoothing(dtype)
+            funcs[append_open_block_name(dtype)] = quantize.append_open_block(dtype)
     for bits in CACHE_BITS:
         for tensor in CODE_TENSORS:
             funcs[compress_name(bits, tensor)] = kv_compress.compress(bits, channel_major=tensor == "v")
@@ -147,6 +155,7 @@ def make_kernel_set(config: KernelSetConfig, target_kind: str = "llvm", arch: st
                         dtype, d, mode, transposed=False)
                 hand_mapped[quantize_vt_name(dtype, d)] = quantize_cuda.quantize_rows(
                     dtype, d, "plain", transposed=True)
+                hand_mapped[append_open_block_name(dtype, d)] = quantize_cuda.append_open_block(dtype, d)
             else:
                 for causal in (False, True):
                     funcs[prefill_name(d, causal, dtype)] = prefill.prefill(d, causal, dtype)

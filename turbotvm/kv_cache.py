@@ -10,11 +10,13 @@ Storage (docs/algorithm.md §2, §5):
   capacity along dim 2 that grow by doubling, so appending a block copies only that block
   (amortised). Row 0 of them is token 64; the decode kernels read ``packed_len = compressed_len - 64``
   tokens of them.
-- The open block [compressed_len, length), fewer than 64 tokens: the INT8 buffer the decode kernels
-  read, plus the same tokens in their input dtype. FlashQ gives a block one INT8 scale, the absmax of
-  all its tokens, so each append re-quantizes the open block from the exact values. Re-quantizing
-  INT8 codes instead would round twice, and the block's INT4/INT2 codes would differ from a cache
-  compressed in one go. That costs at most 63 tokens per KV head, whatever the length.
+- The open block [compressed_len, length), fewer than 64 tokens: the INT8 codes the decode kernels
+  read, plus the same tokens in their input dtype, in tensors of one whole block written in place.
+  FlashQ gives a block one INT8 scale, the absmax of all its tokens, so each append re-quantizes the
+  open block from the exact values (one kernel stores the new tokens and re-quantizes K and V).
+  Re-quantizing INT8 codes instead would round twice, and the block's INT4/INT2 codes would differ
+  from a cache compressed in one go. That costs at most 63 tokens per KV head, whatever the length.
+  A block that fills is compressed from those tensors, which then take the next block.
 
 K's smoothing (channel mean and balance factor) is fixed by the first append (usually the prompt) and
 never recomputed. Subtracting any fixed per-channel offset μ moves every score of a query by the same
@@ -22,8 +24,11 @@ q·μ, which softmax cancels, and any fixed factor f cancels between K / f and Q
 is valid. Recomputing them would change the INT8 codes of every block already compressed.
 
 The cache exposes the attributes of ``CompressedKV`` (head_bits, head_dim, length, compressed_len,
-k_mean, k_factor, groups, buffer_*, sink_*), so ``TurboAttention.decode`` and ``turbotvm.ops.turbo_decode``
-read it directly.
+k_mean, k_factor, groups, buffer_*, sink_*; buffer_k and buffer_v are views of the open block's tokens),
+so ``TurboAttention.decode`` and ``turbotvm.ops.turbo_decode`` read it directly.
+
+Appends and decodes order by torch's current stream. The open block is written in place, so a decode
+queued on another stream must finish before the next append (as with any in-place cache).
 """
 
 from __future__ import annotations
@@ -69,9 +74,12 @@ class TurboKVCache(SinkLayout):
         self.k_factor: torch.Tensor | None = None  # [B, H_kv, D] float32: K's balance factor, likewise
         self.groups: list[PackedGroup] = []  # tensors with spare capacity along dim 2
         self.compressed_len = 0
-        self.buffer_k = self.buffer_k_scale = self.buffer_v = self.buffer_v_scale = None
         self.sink_k = self.sink_k_scale = self.sink_v = self.sink_v_scale = None  # INT8 block 0, once closed
-        self._open_k = self._open_v = None  # the open block's tokens in the input dtype
+        # the open block, in tensors of one whole block made by the first append: its tokens in the input
+        # dtype (k, v) [B, H_kv, 64, D] and their INT8 codes and scales (k8, k_scale, v8, v_scale)
+        self._open_tokens: tuple | None = None
+        self._open_codes: tuple | None = None
+        self._open_len = 0  # tokens the open block holds
         # raw handles of the CUDA streams that allocated the open block's tensors and the group tensors
         self._open_stream: int | None = None
         self._groups_stream: int | None = None
@@ -84,7 +92,28 @@ class TurboKVCache(SinkLayout):
 
     @property
     def length(self) -> int:
-        return self.compressed_len + (0 if self._open_k is None else self._open_k.shape[2])
+        return self.compressed_len + self._open_len
+
+    @property
+    def buffer_k(self) -> torch.Tensor | None:
+        """The open block's K codes [B, H_kv, length - compressed_len, D] int8 (a view); None if it is empty."""
+        return self._open_codes[0][:, :, :self._open_len] if self._open_len else None
+
+    @property
+    def buffer_k_scale(self) -> torch.Tensor | None:
+        return self._open_codes[1] if self._open_len else None
+
+    @property
+    def buffer_v(self) -> torch.Tensor | None:
+        return self._open_codes[2][:, :, :self._open_len] if self._open_len else None
+
+    @property
+    def buffer_v_scale(self) -> torch.Tensor | None:
+        return self._open_codes[3] if self._open_len else None
+
+    def _open_block_tensors(self) -> tuple:
+        """The kernels read the open block's whole-block tensors (compact), ``length - compressed_len`` rows."""
+        return self._open_codes or (None,) * 4
 
     @property
     def capacity(self) -> int:
@@ -112,9 +141,11 @@ class TurboKVCache(SinkLayout):
             for t in group.tensors():
                 rows = t.shape[2] if capacity else self._rows(t, self._capacity, self.packed_len)
                 total += _nbytes(t) // t.shape[2] * rows
-        for t in (self.buffer_k, self.buffer_k_scale, self.buffer_v, self.buffer_v_scale, self._open_k, self._open_v,
-                  self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale):
+        for t in (self.sink_k, self.sink_k_scale, self.sink_v, self.sink_v_scale):
             total += 0 if t is None else _nbytes(t)
+        if self._open_tokens is not None:
+            for t in (*self._open_tokens, *self._open_codes):  # codes: rows are tokens; scales: one row
+                total += _nbytes(t) // t.shape[2] * (t.shape[2] if capacity else min(t.shape[2], self._open_len))
         return total
 
     def fp16_nbytes(self) -> int:
@@ -132,44 +163,55 @@ class TurboKVCache(SinkLayout):
         if self.k_mean is None:
             self._start(runtime, k, v, dtype)
         stream = _current_stream(k.device)
-        # every tensor this append replaces is read on the current stream first (cat, copy, decode
-        # before it): keep its memory from reuse until that work is done, whichever stream made it
-        _used_on(stream, self._open_stream, self._open_k, self._open_v, self.buffer_k, self.buffer_v,
-                 self.buffer_k_scale, self.buffer_v_scale)
-        k_open = k.contiguous() if self._open_k is None else torch.cat((self._open_k, k), dim=2)
-        v_open = v.contiguous() if self._open_v is None else torch.cat((self._open_v, v), dim=2)
-        k8, k_scale = runtime.quantize(k_open, dtype, (self.k_mean, self.k_factor))
-        v8, v_scale = runtime.quantize(v_open, dtype)
-        blocks = k_open.shape[2] // QUANT_BLOCK
-        closed = blocks * QUANT_BLOCK
-        first = 0  # the first closed block to compress
-        if blocks and self.sink_k is None:  # the first block to close is block 0: the sink, kept at INT8
+        tokens = k.shape[2]
+        # blocks start at multiples of 64: fill the open block (if one is open), then whole blocks go
+        # straight to compression, and the rest opens the next block
+        into_open = min(tokens, QUANT_BLOCK - self._open_len) if self._open_len else 0
+        whole_end = into_open + (tokens - into_open) // QUANT_BLOCK * QUANT_BLOCK
+        if into_open:
+            self._into_open_block(runtime, k[:, :, :into_open], v[:, :, :into_open], stream)
+        if whole_end > into_open:
+            k8, k_scale = runtime.quantize(k[:, :, into_open:whole_end].contiguous(), dtype, (self.k_mean, self.k_factor))
+            v8, v_scale = runtime.quantize(v[:, :, into_open:whole_end].contiguous(), dtype)
+            self._close_blocks(runtime, k8, k_scale, v8, v_scale, stream)
+        if whole_end < tokens:
+            self._into_open_block(runtime, k[:, :, whole_end:], v[:, :, whole_end:], stream)
+
+    def _into_open_block(self, runtime: TurboAttention, k, v, stream: int | None) -> None:
+        """k, v (no more tokens than the open block lacks) into the open block, in place; once full, it is
+        compressed and the tensors take the next block."""
+        if self._open_tokens is None:
+            b, h, _, d = k.shape
+            self._open_tokens = tuple(torch.empty((b, h, QUANT_BLOCK, d), dtype=k.dtype, device=k.device)
+                                      for _ in range(2))
+            codes, scale = ((b, h, QUANT_BLOCK, d), torch.int8), ((b, h, 1), torch.float32)
+            self._open_codes = tuple(torch.empty(shape, dtype=dtype, device=k.device)
+                                     for shape, dtype in (codes, scale, codes, scale))
+            self._open_stream = stream
+        else:  # read (a decode, the last compression) and written on the current stream
+            _used_on(stream, self._open_stream, *self._open_tokens, *self._open_codes)
+        runtime.append_open_block(k.contiguous(), v.contiguous(), (self.k_mean, self.k_factor), self._open_tokens,
+                                  self._open_codes, self._open_len)
+        self._open_len += k.shape[2]
+        if self._open_len == QUANT_BLOCK:
+            self._close_blocks(runtime, *self._open_codes, stream)
+            self._open_len = 0
+
+    def _close_blocks(self, runtime: TurboAttention, k8, k_scale, v8, v_scale, stream: int | None) -> None:
+        """Whole blocks' INT8 codes [B, H_kv, 64 n, D] and scales [B, H_kv, n] into the cache: the cache's
+        first block is the sink block (kept at INT8, copied), the others are compressed into the groups."""
+        first = 0
+        if self.sink_k is None:
             self.sink_k, self.sink_v = _compact(k8[:, :, :QUANT_BLOCK]), _compact(v8[:, :, :QUANT_BLOCK])
             self.sink_k_scale, self.sink_v_scale = _compact(k_scale[:, :, :1]), _compact(v_scale[:, :, :1])
             self.compressed_len += QUANT_BLOCK
             first = 1
+        blocks = k8.shape[2] // QUANT_BLOCK
         if blocks > first:
             new_groups = runtime.compress_blocks(
-                k8[:, :, first * QUANT_BLOCK:closed].contiguous(), k_scale[:, :, first:blocks].contiguous(),
-                v8[:, :, first * QUANT_BLOCK:closed].contiguous(), v_scale[:, :, first:blocks].contiguous(),
-                self.head_bits)
-            self._store(new_groups, closed - first * QUANT_BLOCK, stream)
-        if closed == 0:
-            # no block closed (63 appends in 64): the open block is these new tensors whole, no copies,
-            # except where k_open is the caller's own tensor (k.contiguous() of a contiguous k)
-            self._open_k = _compact(k) if k_open is k else k_open
-            self._open_v = _compact(v) if v_open is v else v_open
-            self.buffer_k, self.buffer_v, self.buffer_k_scale, self.buffer_v_scale = k8, v8, k_scale, v_scale
-        elif closed < k_open.shape[2]:
-            # copies, not views: with B * H_kv == 1 a slice is contiguous already, and a view would keep
-            # the caller's tensor (or the INT8 codes of the whole prompt) alive
-            self._open_k, self._open_v = _compact(k_open[:, :, closed:]), _compact(v_open[:, :, closed:])
-            self.buffer_k, self.buffer_v = _compact(k8[:, :, closed:]), _compact(v8[:, :, closed:])
-            self.buffer_k_scale, self.buffer_v_scale = _compact(k_scale[:, :, blocks:]), _compact(v_scale[:, :, blocks:])
-        else:
-            self._open_k = self._open_v = None
-            self.buffer_k = self.buffer_k_scale = self.buffer_v = self.buffer_v_scale = None
-        self._open_stream = stream  # each branch above made the open block's tensors anew
+                k8[:, :, first * QUANT_BLOCK:].contiguous(), k_scale[:, :, first:].contiguous(),
+                v8[:, :, first * QUANT_BLOCK:].contiguous(), v_scale[:, :, first:].contiguous(), self.head_bits)
+            self._store(new_groups, (blocks - first) * QUANT_BLOCK, stream)
 
     def _check(self, k, v) -> TurboAttention:
         for name, x in (("k", k), ("v", v)):

@@ -114,14 +114,15 @@ def cache_as_op_args(cache) -> tuple:
 
     ``packed`` lists each group's head ids then its ``PackedGroup.tensors()``, group after group; every
     group has the same number of tensors. The group tensors hold tokens [64, compressed_len) and may hold
-    more (a growing cache's spare capacity): the kernels read ``compressed_len - 64`` of them. The sink
-    tensors (the INT8 block 0) are present iff compressed_len > 0.
+    more (a growing cache's spare capacity): the kernels read ``compressed_len - 64`` of them; likewise
+    the buffer_* tensors (the open block) hold ``length - compressed_len`` tokens or more, and are present
+    iff that is > 0. The sink tensors (the INT8 block 0) are present iff compressed_len > 0.
     """
     _check_cache(cache)
     packed = [t for group in cache.groups for t in (group.heads, *group.tensors())]
+    _, (open_block, open_len) = cache.int8_regions()  # the tensors the kernels read (a view is not compact)
     return (cache.k_mean, cache.k_factor, packed, [int(g.bits) for g in cache.groups],
-            [int(b) for b in cache.head_bits],
-            cache.buffer_k, cache.buffer_k_scale, cache.buffer_v, cache.buffer_v_scale,
+            [int(b) for b in cache.head_bits], *(open_block if open_len else (None,) * 4),
             cache.sink_k, cache.sink_k_scale, cache.sink_v, cache.sink_v_scale,
             cache.length, cache.compressed_len)
 
@@ -163,7 +164,8 @@ def _cache_from_op_args(q, k_mean, k_factor, packed, group_bits, head_bits, buff
     if not 0 <= compressed_len <= length or compressed_len % QUANT_BLOCK:
         raise ValueError(f"compressed_len: expected a multiple of {QUANT_BLOCK} in [0, length={length}], got {compressed_len}")
     has_buffer = [t is not None for t in buffers.values()]
-    if any(has_buffer) != all(has_buffer) or all(has_buffer) != (length > compressed_len):
+    # bool() first: under torch.compile, length is a SymInt, and a bool compared to a SymBool fails
+    if any(has_buffer) != all(has_buffer) or all(has_buffer) != bool(length > compressed_len):
         raise ValueError(f"buffer_*: expected all four tensors when length > compressed_len ({length} > {compressed_len}), "
                          f"else none; got {[n for n, t in buffers.items() if t is not None]}")
     has_sink = [t is not None for t in sinks.values()]

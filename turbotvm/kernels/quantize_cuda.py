@@ -138,6 +138,91 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
     return quantize_rows_plain
 
 
+def append_open_block(in_dtype: str, head_dim: int):
+    """quantize.append_open_block in one launch: CTA (0, b·h) takes K, CTA (1, b·h) V, 128 threads each.
+
+    A cache append of one token used two concatenations and two quantize_rows launches with four
+    allocations, all host work. The element mapping is quantize_rows' (thread tx: channel tx % D of rows
+    (i·128 + tx) / D), so each thread re-reads only the rows it stored itself.
+    """
+    D = head_dim
+    PER_THREAD = BLK * D // THREADS
+    assert THREADS % D == 0
+
+    def prepared(value, offset, channel_factor, smoothed):
+        """x' of one element: (x - mean) / factor (K) or x (V); offset, channel_factor: the thread's."""
+        return (value - offset[0]) / channel_factor[0] if smoothed else value
+
+    @T.macro
+    def requantize(new, x_open, codes, scale, mean, factor, offset, channel_factor, warp_max, absmax, inv,
+                   b, h, tx, open_len, N, smoothed):
+        if smoothed:
+            offset[0] = mean[b, h, tx % D]
+            channel_factor[0] = factor[b, h, tx % D]
+        absmax[0] = T.float32(0)
+        for i in T.unroll(PER_THREAD):
+            if (i * THREADS + tx) // D < open_len + N:
+                if (i * THREADS + tx) // D >= open_len:
+                    x_open[b, h, (i * THREADS + tx) // D, tx % D] = new[b, h, (i * THREADS + tx) // D - open_len, tx % D]
+                absmax[0] = T.max(absmax[0], T.abs(prepared(
+                    T.Cast("float32", x_open[b, h, (i * THREADS + tx) // D, tx % D]), offset, channel_factor, smoothed)))
+        absmax[0] = T.cuda.warp_reduce(absmax[0], "max", 32)
+        if tx % 32 == 0:
+            warp_max[tx // 32] = absmax[0]
+        T.tvm_storage_sync("shared")
+        absmax[0] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
+        absmax[0] = T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1))
+        inv[0] = T.float32(INT8_MAX) / absmax[0]
+        if tx == 0:
+            scale[b, h, 0] = absmax[0] / T.float32(INT8_MAX)
+        for i in T.unroll(PER_THREAD):
+            if (i * THREADS + tx) // D < open_len + N:
+                codes[b, h, (i * THREADS + tx) // D, tx % D] = T.Cast("int8", int8_level(prepared(
+                    T.Cast("float32", x_open[b, h, (i * THREADS + tx) // D, tx % D]), offset, channel_factor,
+                    smoothed), inv[0]))
+
+    @T.prim_func(s_tir=True)
+    def append_open_block_func(k_new_h: T.handle, v_new_h: T.handle, mean_h: T.handle, factor_h: T.handle,
+                               k_open_h: T.handle, v_open_h: T.handle, k8_h: T.handle, k_scale_h: T.handle,
+                               v8_h: T.handle, v_scale_h: T.handle, open_len: T.int32):
+        B, H, N = T.int32(), T.int32(), T.int32()
+        k_new = T.match_buffer(k_new_h, (B, H, N, D), in_dtype)
+        v_new = T.match_buffer(v_new_h, (B, H, N, D), in_dtype)
+        mean = T.match_buffer(mean_h, (B, H, D), "float32")
+        factor = T.match_buffer(factor_h, (B, H, D), "float32")
+        k_open = T.match_buffer(k_open_h, (B, H, BLK, D), in_dtype)
+        v_open = T.match_buffer(v_open_h, (B, H, BLK, D), in_dtype)
+        k8 = T.match_buffer(k8_h, (B, H, BLK, D), "int8")
+        k_scale = T.match_buffer(k_scale_h, (B, H, 1), "float32")
+        v8 = T.match_buffer(v8_h, (B, H, BLK, D), "int8")
+        v_scale = T.match_buffer(v_scale_h, (B, H, 1), "float32")
+        for kv in T.thread_binding(2, thread="blockIdx.x"):
+            for bh in T.thread_binding(B * H, thread="blockIdx.y"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    with T.sblock("open_block"):
+                        T.reads(k_new[bh // H, bh % H, 0:N, 0:D], v_new[bh // H, bh % H, 0:N, 0:D],
+                                mean[bh // H, bh % H, 0:D], factor[bh // H, bh % H, 0:D],
+                                k_open[bh // H, bh % H, 0:BLK, 0:D], v_open[bh // H, bh % H, 0:BLK, 0:D])
+                        T.writes(k_open[bh // H, bh % H, 0:BLK, 0:D], v_open[bh // H, bh % H, 0:BLK, 0:D],
+                                 k8[bh // H, bh % H, 0:BLK, 0:D], k_scale[bh // H, bh % H, 0],
+                                 v8[bh // H, bh % H, 0:BLK, 0:D], v_scale[bh // H, bh % H, 0])
+                        warp_max = T.sblock_alloc_buffer((THREADS // 32,), "float32", scope="shared")
+                        absmax = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        inv = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        offset = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        channel_factor = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        b: T.let[T.int32] = bh // H
+                        h: T.let[T.int32] = bh % H
+                        if kv == 0:
+                            requantize(k_new, k_open, k8, k_scale, mean, factor, offset, channel_factor, warp_max,
+                                       absmax, inv, b, h, tx, open_len, N, True)
+                        else:
+                            requantize(v_new, v_open, v8, v_scale, mean, factor, offset, channel_factor, warp_max,
+                                       absmax, inv, b, h, tx, open_len, N, False)
+
+    return append_open_block_func
+
+
 SMOOTH_CHANNELS = 64  # channels per CTA: one 128-byte line of an fp16 row (head dims are multiples of 64)
 SMOOTH_THREADS = 512
 
