@@ -69,44 +69,51 @@ def _prepared(x, mean, factor, b, h, t, d, group):
     return value
 
 
-@T.macro
-def _quantize_blocks(x, mean, factor, codes, scale, B, H, N, D, NB, group, name="block"):
-    """codes and scale of x's 64-token blocks [0, NB), rows t < N only; mean/factor None per mode."""
-    for b, h, blk in T.grid(B, H, NB):
-        with T.sblock(name):
-            vb, vh, vblk = T.axis.remap("SSS", [b, h, blk])
-            if mean is not None:
-                T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], mean[vb, vh, 0:D], factor[vb, vh, 0:D])
-            elif factor is not None:
-                T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], factor[vb, vh // group, 0:D])
-            else:
-                T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D])
-            T.writes(codes[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], scale[vb, vh, vblk])
-            absmax = T.sblock_alloc_buffer((1,), "float32")
-            inv = T.sblock_alloc_buffer((1,), "float32")
-            for t, d in T.grid(BLK, D):
-                with T.sblock("absmax"):
-                    vt, vd = T.axis.remap("RR", [t, d])
-                    T.where(vblk * BLK + t < N)
-                    with T.init():
-                        absmax[0] = T.float32(0)
-                    absmax[0] = T.max(absmax[0], T.abs(
-                        _prepared(x, mean, factor, vb, vh, vblk * BLK + vt, vd, group)))
-            with T.sblock("scale"):
-                scale[vb, vh, vblk] = T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1)) / T.float32(INT8_MAX)
-                inv[0] = T.float32(INT8_MAX) / T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1))
-            for t, d in T.grid(BLK, D):
-                with T.sblock("round"):
-                    vt, vd = T.axis.remap("SS", [t, d])
-                    T.where(vblk * BLK + t < N)
-                    codes[vb, vh, vblk * BLK + vt, vd] = T.Cast("int8", int8_level(
-                        _prepared(x, mean, factor, vb, vh, vblk * BLK + vt, vd, group), inv[0]))
+def _quantize_blocks_macro():
+    """A new macro object per kernel: TVMScript numbers the blocks of every expansion of one macro object
+    (block, block_1, ...) for the life of the process, and tuning records find blocks by name."""
+
+    @T.macro
+    def _quantize_blocks(x, mean, factor, codes, scale, B, H, N, D, NB, group, name="block"):
+        """codes and scale of x's 64-token blocks [0, NB), rows t < N only; mean/factor None per mode."""
+        for b, h, blk in T.grid(B, H, NB):
+            with T.sblock(name):
+                vb, vh, vblk = T.axis.remap("SSS", [b, h, blk])
+                if mean is not None:
+                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], mean[vb, vh, 0:D], factor[vb, vh, 0:D])
+                elif factor is not None:
+                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], factor[vb, vh // group, 0:D])
+                else:
+                    T.reads(x[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D])
+                T.writes(codes[vb, vh, vblk * BLK:vblk * BLK + BLK, 0:D], scale[vb, vh, vblk])
+                absmax = T.sblock_alloc_buffer((1,), "float32")
+                inv = T.sblock_alloc_buffer((1,), "float32")
+                for t, d in T.grid(BLK, D):
+                    with T.sblock("absmax"):
+                        vt, vd = T.axis.remap("RR", [t, d])
+                        T.where(vblk * BLK + t < N)
+                        with T.init():
+                            absmax[0] = T.float32(0)
+                        absmax[0] = T.max(absmax[0], T.abs(
+                            _prepared(x, mean, factor, vb, vh, vblk * BLK + vt, vd, group)))
+                with T.sblock("scale"):
+                    scale[vb, vh, vblk] = T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1)) / T.float32(INT8_MAX)
+                    inv[0] = T.float32(INT8_MAX) / T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1))
+                for t, d in T.grid(BLK, D):
+                    with T.sblock("round"):
+                        vt, vd = T.axis.remap("SS", [t, d])
+                        T.where(vblk * BLK + t < N)
+                        codes[vb, vh, vblk * BLK + vt, vd] = T.Cast("int8", int8_level(
+                            _prepared(x, mean, factor, vb, vh, vblk * BLK + vt, vd, group), inv[0]))
+
+    return _quantize_blocks
 
 
 def quantize_int8(in_dtype: str, mode: str = "plain"):
     """codes = clip(rint(x' / s), ±127), s = absmax(x') / 127 per (b, h, 64-token block), x' per ``mode``."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"mode: expected one of {QUANTIZE_MODES}, got {mode!r}")
+    _quantize_blocks = _quantize_blocks_macro()
 
     if mode == "smoothed":
 
@@ -156,6 +163,7 @@ def append_open_block(in_dtype: str):
     FlashQ gives a block one scale, the absmax of all its tokens, so a new token re-quantizes the block
     from the exact values (re-quantizing INT8 codes would round twice).
     """
+    _quantize_blocks = _quantize_blocks_macro()
 
     @T.prim_func(s_tir=True)
     def append_open_block_func(k_new_h: T.handle, v_new_h: T.handle, mean_h: T.handle, factor_h: T.handle,
