@@ -25,6 +25,19 @@ def key_at(p):
     return ks * 32 + j // 4 * 16 + e // 2 * 8 + j % 4 * 2 + e % 2
 
 
+@T.macro
+def block_absmax(absmax, warp_max, inv, tx):
+    """The CTA's absmax of its threads' ``absmax`` (warp shuffles, then the warps' through shared memory;
+    1 if all are 0) into every thread's absmax, and 127 / absmax into inv."""
+    absmax[0] = T.cuda.warp_reduce(absmax[0], "max", 32)
+    if tx % 32 == 0:
+        warp_max[tx // 32] = absmax[0]
+    T.tvm_storage_sync("shared")
+    absmax[0] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
+    absmax[0] = T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1))
+    inv[0] = T.float32(INT8_MAX) / absmax[0]
+
+
 def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
     if mode not in QUANTIZE_MODES or (transposed and mode != "plain"):
         raise ValueError(f"mode: expected one of {QUANTIZE_MODES} ('plain' when transposed), got {mode!r}")
@@ -72,13 +85,7 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
                                 absmax[0] = T.max(absmax[0], T.abs(prepared(
                                     T.Cast("float32", x[b, h, blk * BLK + (i * THREADS + tx) // D, tx % D]),
                                     offset, channel_factor)))
-                        absmax[0] = T.cuda.warp_reduce(absmax[0], "max", 32)
-                        if tx % 32 == 0:
-                            warp_max[tx // 32] = absmax[0]
-                        T.tvm_storage_sync("shared")
-                        absmax[0] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
-                        absmax[0] = T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1))
-                        inv[0] = T.float32(INT8_MAX) / absmax[0]
+                        block_absmax(absmax, warp_max, inv, tx)
                         if tx == 0:
                             scale[b, h, blk] = absmax[0] / T.float32(INT8_MAX)
                         if transposed:
@@ -166,13 +173,7 @@ def append_open_block(in_dtype: str, head_dim: int):
                     x_open[b, h, (i * THREADS + tx) // D, tx % D] = new[b, h, (i * THREADS + tx) // D - open_len, tx % D]
                 absmax[0] = T.max(absmax[0], T.abs(prepared(
                     T.Cast("float32", x_open[b, h, (i * THREADS + tx) // D, tx % D]), offset, channel_factor, smoothed)))
-        absmax[0] = T.cuda.warp_reduce(absmax[0], "max", 32)
-        if tx % 32 == 0:
-            warp_max[tx // 32] = absmax[0]
-        T.tvm_storage_sync("shared")
-        absmax[0] = T.max(T.max(warp_max[0], warp_max[1]), T.max(warp_max[2], warp_max[3]))
-        absmax[0] = T.Select(absmax[0] > T.float32(0), absmax[0], T.float32(1))
-        inv[0] = T.float32(INT8_MAX) / absmax[0]
+        block_absmax(absmax, warp_max, inv, tx)
         if tx == 0:
             scale[b, h, 0] = absmax[0] / T.float32(INT8_MAX)
         for i in T.unroll(PER_THREAD):
