@@ -146,7 +146,7 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
 
 
 def append_open_block(in_dtype: str, head_dim: int):
-    """quantize.append_open_block in one launch: CTA (0, b·h) takes K, CTA (1, b·h) V, 128 threads each.
+    """quantize.append_open_block in one launch: CTA (b·h, 0) takes K, CTA (b·h, 1) V, 128 threads each.
 
     A cache append of one token used two concatenations and two quantize_rows launches with four
     allocations, all host work. The element mapping is quantize_rows' (thread tx: channel tx % D of rows
@@ -197,8 +197,8 @@ def append_open_block(in_dtype: str, head_dim: int):
         k_scale = T.match_buffer(k_scale_h, (B, H, 1), "float32")
         v8 = T.match_buffer(v8_h, (B, H, BLK, D), "int8")
         v_scale = T.match_buffer(v_scale_h, (B, H, 1), "float32")
-        for kv in T.thread_binding(2, thread="blockIdx.x"):
-            for bh in T.thread_binding(B * H, thread="blockIdx.y"):
+        for bh in T.thread_binding(B * H, thread="blockIdx.x"):  # (x: gridDim.y stops at 65535)
+            for kv in T.thread_binding(2, thread="blockIdx.y"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     with T.sblock("open_block"):
                         T.reads(k_new[bh // H, bh % H, 0:N, 0:D], v_new[bh // H, bh % H, 0:N, 0:D],
