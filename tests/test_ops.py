@@ -226,6 +226,18 @@ def test_bad_decode_cache_device(no_kernels, rng):
         turbo_decode(torch.randn(1, 4, 1, 64), cache)
 
 
+@pytest.mark.parametrize("buffer_v, expected", [
+    (lambda v8: v8[:, :, :30], r"buffer_v contiguous with at least 40 token rows, got shape \(1, 2, 30, 64\)"),
+    (lambda v8: torch.cat((v8, v8), 3)[..., :64], r"buffer_v contiguous .* strides \(10240, 5120, 128, 1\)"),
+])
+def test_bad_decode_cache_open_block(no_kernels, rng, buffer_v, expected):
+    """The kernels read the open block's first length - compressed_len rows of compact tensors."""
+    cache = int8_buffer_cache(rng)
+    cache.buffer_v = buffer_v(cache.buffer_v)
+    with pytest.raises(ValueError, match=expected):
+        turbo_decode(torch.randn(1, 4, 1, 64), cache)
+
+
 @pytest.mark.parametrize("name", ["k_mean", "k_factor"])
 def test_bad_decode_cache_smoothing_device(no_kernels, rng, name):
     """The plain eager call (runtime) and the op name the same tensor in the same words."""
