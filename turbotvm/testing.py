@@ -7,6 +7,7 @@ import torch
 
 from . import reference as ref
 from .algorithm import CACHE_K_OUTLIERS, QUANT_BLOCK
+from .kernel_set import decompress_name
 
 
 def cosine(a, b) -> float:
@@ -69,7 +70,7 @@ def check_compress_bit_exact(turbo, k: torch.Tensor, v: torch.Tensor, bits: int)
         packed = pack_codes(expected[0], bits, channel_major=tensor == "v")
         assert np.array_equal(codes.cpu().numpy()[..., :d * bits // 8], packed), f"{tensor}_codes"
         out = torch.empty((b, h, packed_len, d), dtype=torch.int8, device=k.device)
-        turbo.kernels[f"decompress_{tensor}_b{bits}"](codes, step, zero, out)
+        turbo.kernels[decompress_name(bits, tensor)](codes, step, zero, out)
         assert np.array_equal(out.cpu().numpy(), ref.decompress_int8(*expected)), f"{tensor} decompressed"
 
 

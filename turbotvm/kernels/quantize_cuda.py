@@ -38,23 +38,25 @@ def block_absmax(absmax, warp_max, inv, tx):
     inv[0] = T.float32(INT8_MAX) / absmax[0]
 
 
+def _prepared(value, offset, factor, mode):
+    """x' of one element: (x - offset) / factor (K), x * factor (Q) or x (V); offset, factor: the thread's."""
+    if mode == "smoothed":
+        return (value - offset[0]) / factor[0]
+    if mode == "balanced":
+        return value * factor[0]
+    return value
+
+
+def _code(value, inv):
+    return T.Cast("int8", int8_level(value, inv))
+
+
 def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
     if mode not in QUANTIZE_MODES or (transposed and mode != "plain"):
         raise ValueError(f"mode: expected one of {QUANTIZE_MODES} ('plain' when transposed), got {mode!r}")
     D = head_dim
     PER_THREAD = BLK * D // THREADS
     assert THREADS % D == 0  # row-major: element i of thread tx is channel tx % D, whatever i
-
-    def prepared(value, offset, factor):
-        """x' of one element: (x - offset) / factor (K), x * factor (Q) or x (V); offset, factor: the thread's."""
-        if mode == "smoothed":
-            return (value - offset[0]) / factor[0]
-        if mode == "balanced":
-            return value * factor[0]
-        return value
-
-    def code(value, inv):
-        return T.Cast("int8", int8_level(value, inv))
 
     @T.macro
     def body(x, mean, factor, codes, scale, B, H, N, NB, NC, group):
@@ -82,9 +84,9 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
                         absmax[0] = T.float32(0)
                         for i in T.unroll(PER_THREAD):
                             if blk * BLK + (i * THREADS + tx) // D < N:
-                                absmax[0] = T.max(absmax[0], T.abs(prepared(
+                                absmax[0] = T.max(absmax[0], T.abs(_prepared(
                                     T.Cast("float32", x[b, h, blk * BLK + (i * THREADS + tx) // D, tx % D]),
-                                    offset, channel_factor)))
+                                    offset, channel_factor, mode)))
                         block_absmax(absmax, warp_max, inv, tx)
                         if tx == 0:
                             scale[b, h, blk] = absmax[0] / T.float32(INT8_MAX)
@@ -93,15 +95,15 @@ def quantize_rows(in_dtype: str, head_dim: int, mode: str, transposed: bool):
                             for i in T.unroll(PER_THREAD):
                                 codes[b, h, (i * THREADS + tx) // BLK, blk * BLK + (i * THREADS + tx) % BLK] = T.if_then_else(
                                     blk * BLK + key_at((i * THREADS + tx) % BLK) < N,
-                                    code(T.Cast("float32", x[b, h, blk * BLK + key_at((i * THREADS + tx) % BLK),
+                                    _code(T.Cast("float32", x[b, h, blk * BLK + key_at((i * THREADS + tx) % BLK),
                                                              (i * THREADS + tx) // BLK]), inv[0]),
                                     T.int8(0))
                         else:
                             for i in T.unroll(PER_THREAD):
                                 if blk * BLK + (i * THREADS + tx) // D < N:
-                                    codes[b, h, blk * BLK + (i * THREADS + tx) // D, tx % D] = code(prepared(
+                                    codes[b, h, blk * BLK + (i * THREADS + tx) // D, tx % D] = _code(_prepared(
                                         T.Cast("float32", x[b, h, blk * BLK + (i * THREADS + tx) // D, tx % D]),
-                                        offset, channel_factor), inv[0])
+                                        offset, channel_factor, mode), inv[0])
 
     def codes_shape(B, H, N, NC):
         return (B, H, D, NC) if transposed else (B, H, N, D)
@@ -156,14 +158,10 @@ def append_open_block(in_dtype: str, head_dim: int):
     PER_THREAD = BLK * D // THREADS
     assert THREADS % D == 0
 
-    def prepared(value, offset, channel_factor, smoothed):
-        """x' of one element: (x - mean) / factor (K) or x (V); offset, channel_factor: the thread's."""
-        return (value - offset[0]) / channel_factor[0] if smoothed else value
-
     @T.macro
     def requantize(new, x_open, codes, scale, mean, factor, offset, channel_factor, warp_max, absmax, inv,
-                   b, h, tx, open_len, N, smoothed):
-        if smoothed:
+                   b, h, tx, open_len, N, mode):
+        if mode == "smoothed":
             offset[0] = mean[b, h, tx % D]
             channel_factor[0] = factor[b, h, tx % D]
         absmax[0] = T.float32(0)
@@ -171,16 +169,16 @@ def append_open_block(in_dtype: str, head_dim: int):
             if (i * THREADS + tx) // D < open_len + N:
                 if (i * THREADS + tx) // D >= open_len:
                     x_open[b, h, (i * THREADS + tx) // D, tx % D] = new[b, h, (i * THREADS + tx) // D - open_len, tx % D]
-                absmax[0] = T.max(absmax[0], T.abs(prepared(
-                    T.Cast("float32", x_open[b, h, (i * THREADS + tx) // D, tx % D]), offset, channel_factor, smoothed)))
+                absmax[0] = T.max(absmax[0], T.abs(_prepared(
+                    T.Cast("float32", x_open[b, h, (i * THREADS + tx) // D, tx % D]), offset, channel_factor, mode)))
         block_absmax(absmax, warp_max, inv, tx)
         if tx == 0:
             scale[b, h, 0] = absmax[0] / T.float32(INT8_MAX)
         for i in T.unroll(PER_THREAD):
             if (i * THREADS + tx) // D < open_len + N:
-                codes[b, h, (i * THREADS + tx) // D, tx % D] = T.Cast("int8", int8_level(prepared(
-                    T.Cast("float32", x_open[b, h, (i * THREADS + tx) // D, tx % D]), offset, channel_factor,
-                    smoothed), inv[0]))
+                codes[b, h, (i * THREADS + tx) // D, tx % D] = _code(_prepared(
+                    T.Cast("float32", x_open[b, h, (i * THREADS + tx) // D, tx % D]), offset, channel_factor, mode),
+                    inv[0])
 
     @T.prim_func(s_tir=True)
     def append_open_block_func(k_new_h: T.handle, v_new_h: T.handle, mean_h: T.handle, factor_h: T.handle,
@@ -216,10 +214,10 @@ def append_open_block(in_dtype: str, head_dim: int):
                         h: T.let[T.int32] = bh % H
                         if kv == 0:
                             requantize(k_new, k_open, k8, k_scale, mean, factor, offset, channel_factor, warp_max,
-                                       absmax, inv, b, h, tx, open_len, N, True)
+                                       absmax, inv, b, h, tx, open_len, N, "smoothed")
                         else:
                             requantize(v_new, v_open, v8, v_scale, mean, factor, offset, channel_factor, warp_max,
-                                       absmax, inv, b, h, tx, open_len, N, False)
+                                       absmax, inv, b, h, tx, open_len, N, "plain")
 
     return append_open_block_func
 
