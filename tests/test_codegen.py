@@ -59,6 +59,24 @@ def test_cuda_decode_step_reads_tiles_by_the_copy_engine(cuda_source):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_decode_step_takes_no_ieee_division_per_tile(cuda_source, tmp_path):
+    """An IEEE float division is a check, a Newton step and a slow-path call. The decode step's tiles
+    take P's scale by a product and its inverse by MUFU.RCP (div.approx, at the packed and the INT8
+    tiles' softmax and one more inlined copy); its IEEE divisions are q's quantization (two, bit for bit
+    with quantize_rows) and the merge's one per output. There were two more per tile."""
+    path, _ = cuda_source
+    result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90a", str(path), "-o", str(tmp_path / "k.ptx")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    entries = {entry.split("(")[0]: entry for entry in (tmp_path / "k.ptx").read_text().split(".entry ")[1:]}
+    steps = [name for name in entries if name.startswith("decode_step_")]
+    assert len(steps) == 4, sorted(entries)
+    for name in steps:
+        counts = {op: len(re.findall(re.escape(op) + r"\b", entries[name])) for op in ("div.rn.f32", "div.approx.f32")}
+        assert counts == {"div.rn.f32": 3, "div.approx.f32": 3}, (name, counts)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_decode_step_keeps_eight_ctas_per_sm(cuda_source, tmp_path):
     """The split count assumes 8 step CTAs per SM: at most 64 registers (no spills) and a ring that
     fits 8 CTAs' shared memory, for every head dim and bit width (ptxas -v on the emitted source)."""

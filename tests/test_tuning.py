@@ -322,8 +322,8 @@ PREFILL_SETTINGS = [({"warps": 4, "min_blocks": 0}, 2e-3), ({"warps": 2, "min_bl
 
 def test_shipped_sm90_log_is_fresh_for_these_kernels():
     """tuning_logs/sm_90 holds no record for older CUDA kernel code: a kernel change needs a re-tune or
-    a prune. Whatever kernels it holds records for (since 2026-12-07: the prefill kernels and the decode
-    steps, tuned on an H100), the rest build their hand schedules."""
+    a prune. Whatever kernels it holds records for (since 2026-12-07: the prefill kernels, tuned on an H100;
+    the decode steps' records were pruned when their softmax changed), the rest build their hand schedules."""
     from pathlib import Path
 
     from turbotvm.tuning.lookup import prune_stale

@@ -14,6 +14,7 @@ import re
 from tvm.script import tirx as T
 
 from ..algorithm import CACHE_GROUP, CACHE_K_OUTLIERS, INT8_MAX, QUANT_BLOCK
+from .cuda_math import fast_reciprocal
 from .kv_compress import GROUPS_PER_BLOCK
 from .quantize import int8_level
 from .sas import NEG_BIG, SAS_TABLE, sas_exp, sas_exp_from_table, sas_table_entry
@@ -247,10 +248,14 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
         red[2 WARPS:3 WARPS]: the tile max (st[3]), the rescale of the running state (st[4]), P's scale
         (st[5], and its inverse st[6]), the new running max (st[0]) and this token's P code (code[0])."""
         st[3] = _warps_max(red, 2 * WARPS)
-        st[4] = sas_exp_from_table(st[0] - T.max(st[0], st[3]), sas_table)
-        st[5] = sas_exp_from_table(st[3] - T.max(st[0], st[3]), sas_table) / T.float32(INT8_MAX)
+        # rescale SAS(m - new max) and P's scale SAS(tile max - new max) / 127 from one SAS (st[6] until
+        # the inverse): one argument is 0, whose SAS is exactly 1; a product and MUFU.RCP, not IEEE
+        # divisions (the code's clamp at 127 absorbs the inverse's 2 ulp)
+        st[6] = sas_exp_from_table(-T.fabs(st[0] - st[3]), sas_table)
+        st[4] = T.if_then_else(st[3] > st[0], st[6], T.float32(1))
+        st[5] = T.if_then_else(st[3] > st[0], T.float32(1), st[6]) * T.float32(1.0 / INT8_MAX)
         st[0] = T.max(st[0], st[3])
-        st[6] = T.if_then_else(st[5] > T.float32(0), T.float32(1) / st[5], T.float32(0))
+        st[6] = T.if_then_else(st[5] > T.float32(0), fast_reciprocal(st[5]), T.float32(0))
         code[0] = T.if_then_else(
             T.And(st[2] > T.float32(NEG_BIG), st[5] > T.float32(0)),
             T.Cast("int32", T.min(T.nearbyint(sas_exp_from_table(st[2] - st[0], sas_table) * st[6]),
