@@ -20,6 +20,18 @@ def cuda_source(tmp_path_factory):
     return path, emit_cuda_source("sm_90", KernelSetConfig(head_dims=(64, 128), dtypes=("float16",)), path)
 
 
+@pytest.fixture(scope="module")
+def cuda_ptx(cuda_source):
+    """The emitted source through nvcc's front end once (sm_90a PTX), for the tests that read the PTX or
+    run ptxas on it."""
+    path, _ = cuda_source
+    ptx = path.with_suffix(".ptx")
+    result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90a", str(path), "-o", str(ptx)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return ptx
+
+
 def test_cuda_source_has_every_kernel(cuda_source):
     _, source = cuda_source
     for name in ("prefill_tc_causal_d128_float16", "prefill_tc_full_d64_float16", "quantize_vt_float16_d128",
@@ -59,16 +71,12 @@ def test_cuda_decode_step_reads_tiles_by_the_copy_engine(cuda_source):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_cuda_decode_step_takes_no_ieee_division_per_tile(cuda_source, tmp_path):
+def test_cuda_decode_step_takes_no_ieee_division_per_tile(cuda_ptx):
     """An IEEE float division is a check, a Newton step and a slow-path call. The decode step's tiles
     take P's scale by a product and its inverse by MUFU.RCP (div.approx, at the packed and the INT8
     tiles' softmax and one more inlined copy); its IEEE divisions are q's quantization (two, bit for bit
     with quantize_rows) and the merge's one per output. There were two more per tile."""
-    path, _ = cuda_source
-    result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90a", str(path), "-o", str(tmp_path / "k.ptx")],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
-    entries = {entry.split("(")[0]: entry for entry in (tmp_path / "k.ptx").read_text().split(".entry ")[1:]}
+    entries = {entry.split("(")[0]: entry for entry in cuda_ptx.read_text().split(".entry ")[1:]}
     steps = [name for name in entries if name.startswith("decode_step_")]
     assert len(steps) == 4, sorted(entries)
     for name in steps:
@@ -77,12 +85,11 @@ def test_cuda_decode_step_takes_no_ieee_division_per_tile(cuda_source, tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_cuda_decode_step_keeps_eight_ctas_per_sm(cuda_source, tmp_path):
+def test_cuda_decode_step_keeps_eight_ctas_per_sm(cuda_ptx, tmp_path):
     """The split count assumes 8 step CTAs per SM: at most 64 registers (no spills) and a ring that
-    fits 8 CTAs' shared memory, for every head dim and bit width (ptxas -v on the emitted source)."""
-    path, _ = cuda_source
-    result = subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-Xptxas", "-v", str(path), "-o",
-                             str(tmp_path / "k.cubin")], capture_output=True, text=True, timeout=900)
+    fits 8 CTAs' shared memory, for every head dim and bit width (ptxas -v on the emitted source's PTX)."""
+    result = subprocess.run(["ptxas", "-arch=sm_90a", "-v", str(cuda_ptx), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     report = {}  # kernel -> (spill bytes, registers, shared memory bytes)
     for chunk in result.stderr.split("Compiling entry function '")[1:]:
