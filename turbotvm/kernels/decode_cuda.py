@@ -376,23 +376,21 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
 
                         # batch, group head, KV head, query head, tile range, INT8 tiles of this CTA,
                         # through shared memory (as expressions of runtime sizes ptxas would redo their
-                        # divisions at every use); thread 0 also starts the first tiles' copies, before any
-                        # use of the head id it loads (the copies would wait for that global load)
+                        # divisions at every use); thread 0 also starts the first tiles' copies
                         ids = T.sblock_alloc_buffer((9,), "int32", scope="shared")
                         if tx == 0:  # in registers first: the planner would put barriers between shared stores and loads
                             mine[0] = T.truncdiv(by, HG * group_size)
                             mine[1] = T.truncdiv(T.truncmod(by, HG * group_size), group_size)
                             mine[2] = heads[mine[1]]
+                            mine[3] = mine[2] * group_size + T.truncmod(by, group_size)
                             mine[4] = T.min(cta * T.ceildiv(T.ceildiv(length, BK), num_splits), T.ceildiv(length, BK))
                             mine[5] = T.min((cta + 1) * T.ceildiv(T.ceildiv(length, BK), num_splits),
                                             T.ceildiv(length, BK))
                             # the INT8 CTA's tiles of the sink and of the open block (a split CTA: none)
                             mine[6] = T.if_then_else(cta == num_splits, T.ceildiv(sink_len, BK), 0)
                             mine[7] = T.if_then_else(cta == num_splits, T.ceildiv(open_len, BK), 0)
-                            ids[0] = mine[0]
-                            ids[1] = mine[1]
-                            for i in T.unroll(4):
-                                ids[4 + i] = mine[4 + i]
+                            for i in T.unroll(8):
+                                ids[i] = mine[i]
                             if COPY_ENGINE:
                                 for i in T.unroll(STAGES):
                                     T.ptx.mbarrier.init.shared.b64(bars.ptr_to([i]), T.uint32(1))
@@ -401,9 +399,6 @@ def decode_step_cuda(head_dim: int, bits: int, in_dtype: str, stages: int = 0, c
                                     if mine[4] + i < mine[5]:  # (an INT8 CTA's span is empty)
                                         issue_tile(ring, bars, k_codes, v_codes, k_step, k_zero, v_step, v_zero,
                                                    mine[0], mine[1], mine[4] + i, i)
-                            mine[3] = mine[2] * group_size + T.truncmod(by, group_size)
-                            ids[2] = mine[2]
-                            ids[3] = mine[3]
                         if tx < len(SAS_TABLE):  # ordered before its first read by the barriers below
                             sas_table[tx] = sas_table_entry(tx)
                         T.tvm_storage_sync("shared")
