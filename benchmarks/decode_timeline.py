@@ -1,17 +1,19 @@
 """Where a decode step's time goes: a timestamp of every CTA at five points of the step kernel.
 
-    python benchmarks/decode_timeline.py [--out benchmarks/results]
+    python benchmarks/decode_timeline.py [--out benchmarks/results] [--source other/decode_cuda.py]
 
 The step kernel of this tree (``turbotvm/kernels/decode_cuda.py``) is built once more with TVM's timer
 intrinsics (``%globaltimer``, ns) written by thread 0 of each CTA to an extra argument: e0 its start, e1 q
 quantized, e2 its tiles done, e3 its state published (after the fence and the atomic count), e4 its end (after
 the merge, for a head's last CTA). Three launches back to back; the middle one is reported, as percentiles over
 the CTAs in us from its first CTA's start, with the gaps to its neighbours. The instrumented kernel is timed
-next to the plain one (CUDA events): the stamps cost ~1-3 us. Writes JSON and a PNG (when CTAs finish).
+next to the plain one (CUDA events): the stamps cost ~1-3 us. ``--source``: instrument another decode_cuda.py
+(a variant under test) instead. Writes JSON and a PNG (when CTAs finish).
 """
 
 from __future__ import annotations
 
+import argparse
 import enum
 import importlib.util
 import json
@@ -37,10 +39,10 @@ class Event(enum.Enum):  # the timer intrinsics take an enum's value as the even
     e0, e1, e2, e3, e4 = range(5)
 
 
-def instrumented_source() -> str:
-    """decode_cuda.py with the five stamps: text edits at lines that name each point (an edit that finds no
+def instrumented_source(source: Path) -> str:
+    """A decode_cuda.py with the five stamps: text edits at lines that name each point (an edit that finds no
     line, or two, is an error: the kernel changed and this script with it)."""
-    src = Path(decode_cuda.__file__).read_text()
+    src = source.read_text()
     pad = " " * 24
 
     def stamp(k):
@@ -81,15 +83,19 @@ def instrumented_source() -> str:
 _EVENT_SOURCE = "class Event(enum.Enum):\n    e0, e1, e2, e3, e4 = range(5)\n"
 
 
-def instrumented_module():
-    """The instrumented decode_cuda as a module inside turbotvm.kernels (its relative imports resolve)."""
-    path = Path(tempfile.mkdtemp()) / "decode_cuda_timeline.py"
-    path.write_text(instrumented_source())
-    spec = importlib.util.spec_from_file_location("turbotvm.kernels._decode_cuda_timeline", path)
+def load_as_kernel_module(path: Path, name: str):
+    """A decode_cuda.py from ``path`` as a module inside turbotvm.kernels (its relative imports resolve)."""
+    spec = importlib.util.spec_from_file_location(f"turbotvm.kernels.{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def instrumented_module(source: Path):
+    path = Path(tempfile.mkdtemp()) / "decode_cuda_timeline.py"
+    path.write_text(instrumented_source(source))
+    return load_as_kernel_module(path, "_decode_cuda_timeline")
 
 
 def stamps_us(prof: torch.Tensor, ctas: int) -> np.ndarray:
@@ -103,9 +109,13 @@ def percentiles(x) -> list:
 
 
 def main(argv=None):
-    args, gpu, turbo = start_gpu_script("decode_timeline", __doc__, argv, head_dims=(128,))
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--source", type=Path, default=Path(decode_cuda.__file__))
+    known, rest = pre.parse_known_args(argv)
+    args, gpu, turbo = start_gpu_script("decode_timeline", __doc__, rest, head_dims=(128,))
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_%d%d" % torch.cuda.get_device_capability()})
-    timeline = instrumented_module()
+    timeline = instrumented_module(known.source)
+    plain = load_as_kernel_module(known.source, "_decode_cuda_plain")
     rows = []
     for b, length, d, bits in SHAPES:
         torch.manual_seed(0)
@@ -118,7 +128,7 @@ def main(argv=None):
         kargs = step_kernel_args(q, cache, cache.groups[0], cache.int8_regions(),
                                  turbo._decode_workspace(q, splits + 1), out, d**-0.5, 1, splits)
         kernels = {}
-        for name, module in (("instrumented", timeline), ("plain", decode_cuda)):
+        for name, module in (("instrumented", timeline), ("plain", plain)):
             func = module.decode_step_cuda(d, bits, "float16").with_attr("global_symbol", "step")
             kernels[name] = tvm.compile(tvm.IRModule({"step": func}), target=target)["step"]
         ctas = (splits + 1) * b * HEADS
@@ -155,7 +165,7 @@ def main(argv=None):
     stem = result_stem(args.out, "decode_timeline", gpu)
     stem.with_suffix(".json").write_text(json.dumps(
         {"gpu": gpu, "versions": {p: package_version(p) for p in ("torch", "apache-tvm", "apache-tvm-ffi")},
-         "events": EVENTS, "rows": rows}, indent=1))
+         "source": str(known.source), "events": EVENTS, "rows": rows}, indent=1))
     plot(rows, gpu, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and .png")
 
