@@ -14,7 +14,6 @@ next to the plain one (CUDA events): the stamps cost ~1-3 us. ``--source``: inst
 from __future__ import annotations
 
 import argparse
-import enum
 import importlib.util
 import json
 import sys
@@ -33,10 +32,6 @@ SHAPES = [(1, 32768, 128, 4), (1, 32768, 128, 2), (1, 131072, 128, 4), (16, 3276
 HEADS = 32
 EVENTS = ("start", "q quantized", "tiles done", "published", "end")
 PERCENTILES = (0, 10, 50, 90, 100)
-
-
-class Event(enum.Enum):  # the timer intrinsics take an enum's value as the event's tag
-    e0, e1, e2, e3, e4 = range(5)
 
 
 def instrumented_source(source: Path) -> str:
@@ -80,6 +75,7 @@ def instrumented_source(source: Path) -> str:
     return "import enum\n" + src.replace("import re\n", "import re\n\n" + _EVENT_SOURCE, 1)
 
 
+# the timer intrinsics take an enum member, whose value tags the record
 _EVENT_SOURCE = "class Event(enum.Enum):\n    e0, e1, e2, e3, e4 = range(5)\n"
 
 
@@ -98,10 +94,9 @@ def instrumented_module(source: Path):
     return load_as_kernel_module(path, "_decode_cuda_timeline")
 
 
-def stamps_us(prof: torch.Tensor, ctas: int) -> np.ndarray:
-    """[event, CTA] ns stamps (the high 32 bits of each record: %globaltimer's low word)."""
-    raw = prof.view(torch.int64).cpu().numpy()[1:].reshape(len(EVENTS), ctas)
-    return ((raw >> 32) & 0xFFFFFFFF).astype(np.int64)
+def raw_stamps(prof: torch.Tensor, ctas: int) -> np.ndarray:
+    """[event, CTA] stamps, ns: the high word of each record (%globaltimer's low word, which wraps every 4.3 s)."""
+    return (prof.view(torch.int64).cpu().numpy()[1:].reshape(len(EVENTS), ctas) >> 32) & 0xFFFFFFFF
 
 
 def percentiles(x) -> list:
@@ -138,7 +133,9 @@ def main(argv=None):
         for prof in profs:  # three back to back
             kernels["instrumented"](*kargs, prof)
         torch.cuda.synchronize()
-        before, this, after = (stamps_us(p, ctas) for p in profs)
+        raws = [raw_stamps(p, ctas) for p in profs]
+        since = raws[0][0, 0] - (1 << 24)  # 16 ms before a stamp of the first launch: no wrap in between
+        before, this, after = ((r - since) & 0xFFFFFFFF for r in raws)
         t0 = this[0].min()
         s = (this - t0) / 1e3
         split = np.arange(ctas) % (splits + 1) < splits
