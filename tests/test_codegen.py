@@ -104,6 +104,28 @@ def test_cuda_decode_step_keeps_eight_ctas_per_sm(cuda_ptx, tmp_path):
         assert 8 * (smem + 1024) <= 228 * 1024, (name, smem)
 
 
+def test_decode_timeline_instruments_this_step_kernel():
+    """benchmarks/decode_timeline.py edits decode_cuda.py's text at five lines; a change to those lines must
+    show here, not on the GPU machine: the instrumented kernel has the five stamps and the extra argument."""
+    import importlib.util
+    from pathlib import Path
+
+    import tvm
+
+    from turbotvm.kernels import decode_cuda
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_timeline.py"
+    spec = importlib.util.spec_from_file_location("decode_timeline", path)
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+    module = timeline.instrumented_module(Path(decode_cuda.__file__))
+    func = module.decode_step_cuda(128, 4, "float16")
+    assert len(func.params) == len(decode_cuda.decode_step_cuda(128, 4, "float16").params) + 1
+    mod = tvm.IRModule({"step": func.with_attr("global_symbol", "step")})
+    source = tvm.compile(mod, target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"})).mod.imports[0].inspect_source()
+    assert source.count("tvm_builtin_timer_start_cuda(") == 1 + 5  # the helper's definition and five calls
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_decode_step_before_sm90_loads_by_threads(tmp_path):
     """sm_80/sm_89 have no bulk copies or mbarrier transactions: their step kernels load the codes
